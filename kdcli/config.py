@@ -1,0 +1,266 @@
+"""Experiment configuration: one frozen dataclass per run.
+
+Values are merged once, in this order (later wins):
+
+    defaults (the dataclass)  <  YAML experiment file  <  command-line flags
+
+    cfg = load_config("experiments/distill.yaml", {"temperature": 8.0})
+
+One name everywhere: a dataclass field is also the YAML key and the long
+flag (`batch_size` <-> `--batch-size`). Unknown keys, wrong types and values
+out of range raise `ConfigError`, whose message is one line a user can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DATASETS = ("mnist", "fashion-mnist")
+CHOICES = {
+    "dataset": DATASETS,
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("onecycle", "cosine", "constant"),
+    "combine": ("mean_probs", "mean_logits"),
+}
+
+
+class ConfigError(ValueError):
+    """A problem with the experiment a user can fix; its message is one line."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"  # default run directory is runs/<name>
+
+    # data
+    dataset: str = "mnist"
+    data_dir: str | None = None  # else $KDCLI_DATA_DIR, else the user cache
+    val_size: int = 0  # last N training images held out for choosing things
+    train_subset: int | None = None  # N training examples, stratified by class
+    subset_seed: int = 0  # fixes the subset independently of the run's seed
+    train_limit: int | None = None  # first N training examples (smoke tests)
+    test_limit: int | None = None  # first N test examples (smoke tests)
+    omit_digits: list[int] = field(default_factory=list)  # removed from the transfer set
+    keep_digits: list[int] = field(default_factory=list)  # the only digits kept
+    jitter: int = 0  # random shift of up to this many pixels in each direction
+
+    # model
+    hidden: list[int] = field(default_factory=lambda: [800, 800])
+    dropout_input: float = 0.0
+    dropout_hidden: float = 0.0
+    max_norm: float | None = None  # bound on each unit's incoming weight vector
+    members: int = 1  # models trained together, stacked (ensembles, sweeps)
+
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "onecycle"
+    warmup: float = 0.25  # fraction of steps spent warming up (onecycle)
+    epochs: int = 10
+    batch_size: int = 128
+    early_stopping: bool = False  # keep the epoch with the fewest validation errors
+
+    # distillation
+    teacher: str | None = None  # run directory or checkpoint of the teacher
+    temperature: float = 1.0
+    temperatures: list[float] | None = None  # one per member: a temperature sweep
+    alpha: float = 1.0  # weight of the soft term; 1 = soft targets only
+    combine: str = "mean_probs"  # how an ensemble teacher's members are combined
+
+    # run
+    seed: int = 1
+    device: str = "auto"
+    out: str | None = None
+    expect_max_errors: int | None = None  # fail loudly when a result regresses
+    eval_every: int = 1
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
+    """Merge defaults < YAML file < overrides, check every value, return the config."""
+    values = read_yaml(Path(path)) if path else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_config(values, source=str(path) if path else "flags")
+
+
+def make_config(values: dict, source: str = "config") -> Config:
+    for key, value in values.items():
+        check_key(key, source)
+        values[key] = check_type(key, value, source)
+    cfg = Config(**values)
+    if cfg.temperatures and cfg.members == 1:
+        cfg = dataclasses.replace(cfg, members=len(cfg.temperatures))
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: Path, _seen: tuple = ()) -> dict:
+    """Read an experiment file; `base: other.yaml` inherits from another file."""
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read experiment file: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an experiment file must be a mapping of keys to values, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    merged = read_yaml(base_path, _seen + (base_path,))
+    merged.update(data)
+    return merged
+
+
+def check_key(key: str, source: str) -> None:
+    if key in FIELDS:
+        return
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+def check_type(key: str, value, source: str):
+    """Return `value` coerced to the field's type, or raise ConfigError."""
+    hint = _HINTS[key]
+    ok, coerced = _coerce(hint, value)
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' must be {_describe(hint)}, got {value!r}")
+    return coerced
+
+
+def _coerce(hint, value):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return True, None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(inner[0], value)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `hidden: 30` means [30]
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_coerce(item, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if origin is list:
+        item = _describe(typing.get_args(hint)[0]).split(" ", 1)[-1]
+        return f"a list of {item}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        need(value in allowed, f"'{key}' must be one of {', '.join(allowed)}, got '{value}'")
+    need(cfg.temperature > 0, f"'temperature' must be > 0, got {cfg.temperature}")
+    need(all(t > 0 for t in cfg.temperatures or []), f"every entry of 'temperatures' must be > 0, got {cfg.temperatures}")
+    need(cfg.temperatures is None or len(cfg.temperatures) > 0, "'temperatures' must not be empty")
+    need(0.0 <= cfg.alpha <= 1.0, f"'alpha' must be in [0, 1], got {cfg.alpha}")
+    need(len(cfg.hidden) > 0, "'hidden' must list at least one hidden layer size")
+    need(all(h >= 1 for h in cfg.hidden), f"every hidden layer needs at least one unit, got {cfg.hidden}")
+    need(0.0 <= cfg.dropout_input < 1.0, f"'dropout_input' must be in [0, 1), got {cfg.dropout_input}")
+    need(0.0 <= cfg.dropout_hidden < 1.0, f"'dropout_hidden' must be in [0, 1), got {cfg.dropout_hidden}")
+    need(cfg.max_norm is None or cfg.max_norm > 0, f"'max_norm' must be > 0 or null, got {cfg.max_norm}")
+    need(cfg.members >= 1, f"'members' must be at least 1, got {cfg.members}")
+    need(cfg.lr > 0, f"'lr' must be > 0, got {cfg.lr}")
+    need(0.0 <= cfg.momentum < 1.0, f"'momentum' must be in [0, 1), got {cfg.momentum}")
+    need(cfg.weight_decay >= 0, f"'weight_decay' must be >= 0, got {cfg.weight_decay}")
+    need(0.0 < cfg.warmup < 1.0, f"'warmup' must be in (0, 1), got {cfg.warmup}")
+    need(cfg.epochs >= 1, f"'epochs' must be at least 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"'batch_size' must be at least 1, got {cfg.batch_size}")
+    need(cfg.eval_every >= 1, f"'eval_every' must be at least 1, got {cfg.eval_every}")
+    need(0 <= cfg.jitter <= 13, f"'jitter' must be between 0 and 13 pixels, got {cfg.jitter}")
+    need(0 <= cfg.val_size < 60000, f"'val_size' must be in [0, 60000), got {cfg.val_size}")
+    need(cfg.train_subset is None or cfg.train_subset >= 10, f"'train_subset' must be at least 10 (one per class), got {cfg.train_subset}")
+    need(cfg.train_limit is None or cfg.train_limit >= 1, f"'train_limit' must be at least 1, got {cfg.train_limit}")
+    need(cfg.test_limit is None or cfg.test_limit >= 1, f"'test_limit' must be at least 1, got {cfg.test_limit}")
+    need(not cfg.early_stopping or cfg.val_size > 0, "'early_stopping' needs a validation split: set 'val_size' > 0")
+    need(cfg.expect_max_errors is None or cfg.expect_max_errors >= 0, f"'expect_max_errors' must be >= 0, got {cfg.expect_max_errors}")
+    digits = list(cfg.omit_digits) + list(cfg.keep_digits)
+    need(all(0 <= d <= 9 for d in digits), f"digits must be between 0 and 9, got {digits}")
+    need(not (cfg.omit_digits and cfg.keep_digits), "give either 'omit_digits' or 'keep_digits', not both")
+    need(len(set(cfg.omit_digits)) < 10, "omitting every digit leaves nothing to train on")
+    need(cfg.temperatures is None or cfg.members in (1, len(cfg.temperatures)),
+         f"'members' ({cfg.members}) must equal the number of 'temperatures' ({len(cfg.temperatures or [])})")
+    need(_valid_device(cfg.device), f"'device' must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'")
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def _valid_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda", "mps"):
+        return True
+    return name.startswith("cuda:") and name[5:].isdigit()
+
+
+def member_temperatures(cfg: Config) -> list[float]:
+    """The distillation temperature of each member (a sweep gives one per member)."""
+    return list(cfg.temperatures) if cfg.temperatures else [cfg.temperature] * cfg.members
+

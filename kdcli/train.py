@@ -1,0 +1,397 @@
+"""The one training loop, and the run that every training command is built on.
+
+    result = run_training(cfg, command="distill", hooks=Hooks(on_step=bar.advance))
+
+`fit` is the only training loop in kdcli. What differs between commands
+(labels or soft targets, cached or computed per batch, one model or a stack)
+comes in through the `TransferSet` and the config, never as a branch here.
+`fit` prints nothing and returns its history; callers own the progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import runs
+from .config import Config, member_temperatures
+from .data import Dataset, class_filter, jitter, load_dataset
+from .evaluate import combine_logits, count_errors, predict, summarize
+from .losses import distillation_loss, soft_targets
+from .models import StackedMLP, arch_from_config, build_model, member_seeds
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"loss became NaN or infinite at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class TransferSet:
+    """What a student learns from: images, labels and (optionally) the teacher.
+
+    soft_targets: cached teacher log-probabilities (1 or members, n, classes),
+        for a transfer set that is not augmented: the teacher runs once.
+    teacher: for an augmented transfer set, a function from a batch of
+        flattened images (m, 784) to log-probabilities (1 or members, m, classes).
+    """
+
+    images: torch.Tensor  # (n, 28, 28)
+    labels: torch.Tensor  # (n,)
+    soft_targets: torch.Tensor | None = None
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def targets_for(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """Soft targets for a batch: idx (members, b), x (members, b, 784) -> (members, b, classes)."""
+        if self.soft_targets is not None:
+            table = self.soft_targets
+        elif self.teacher is not None:
+            members, b = idx.shape
+            table = self.teacher(x.reshape(members * b, -1))  # (1 or members, members * b, classes)
+            table = table.reshape(table.shape[0], members, b, -1)
+            return table[0] if table.shape[0] == 1 else table[torch.arange(members), torch.arange(members)]
+        else:
+            return None
+        if table.shape[0] == 1:
+            return table[0][idx]
+        return table[torch.arange(idx.shape[0], device=idx.device)[:, None], idx]
+
+
+@dataclass
+class Hooks:
+    """Callbacks for the caller: progress, per-epoch records, resumable state."""
+
+    on_start: Callable[[int, int, int], None] = lambda start_epoch, epochs, steps: None
+    on_step: Callable[[], None] = lambda: None
+    on_epoch: Callable[[dict], None] = lambda record: None
+    save_state: Callable[[dict], None] | None = None
+
+
+def make_optimizer(model: StackedMLP, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    # fused kernels: one pass over all parameters per step instead of a loop of small ops
+    fused = True if device.type in ("cpu", "cuda") else None
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay, fused=fused)
+    optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup, cycle_momentum=False)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def temperature_tensor(cfg: Config, device: torch.device) -> float | torch.Tensor:
+    temps = member_temperatures(cfg)
+    if len(set(temps)) == 1:
+        return temps[0]
+    return torch.tensor(temps, device=device).reshape(-1, 1, 1)  # (members, 1, 1)
+
+
+def fit(
+    model: StackedMLP,
+    transfer: TransferSet,
+    cfg: Config,
+    evaluate: Callable[[StackedMLP], dict],
+    hooks: Hooks | None = None,
+    state: dict | None = None,
+) -> list[dict]:
+    """Train `model` on `transfer` for cfg.epochs; return one record per epoch.
+
+    `state` (from hooks.save_state) resumes a run exactly where it stopped:
+    on CPU the result is bit-identical to an uninterrupted run.
+    """
+    hooks = hooks or Hooks()
+    device = transfer.images.device
+    members, n, batch = model.members, len(transfer.images), cfg.batch_size
+    steps = math.ceil(n / batch)
+    temperature = temperature_tensor(cfg, device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg, steps * cfg.epochs)
+    torch.manual_seed(cfg.seed)  # dropout masks
+    order_rngs = [torch.Generator().manual_seed(s + 7919) for s in member_seeds(cfg.seed, members)]
+    jitter_rng = torch.Generator().manual_seed(cfg.seed + 104729)
+    history: list[dict] = []
+    best = EarlyStopping(model) if cfg.early_stopping else None
+    start_epoch = 0
+    if state is not None:
+        start_epoch, history = restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, best)
+
+    hooks.on_start(start_epoch, cfg.epochs, steps)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = torch.stack([torch.randperm(n, generator=g) for g in order_rngs]).to(device)  # (members, n)
+        step_losses = torch.zeros(steps, device=device)
+        started = time.perf_counter()
+        for step in range(steps):
+            idx = order[:, step * batch : (step + 1) * batch]  # (members, b)
+            images = transfer.images[idx]  # (members, b, 28, 28)
+            if cfg.jitter:
+                images = jitter(images, cfg.jitter, jitter_rng)
+            x = images.flatten(-2)
+            loss = distillation_loss(model(x), transfer.targets_for(idx, x), transfer.labels[idx], temperature, cfg.alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if cfg.max_norm:
+                model.apply_max_norm(cfg.max_norm)
+            step_losses[step] = loss.detach()  # no .item(): no device sync per step
+            hooks.on_step()
+        seconds = time.perf_counter() - started
+        bad = (~torch.isfinite(step_losses)).nonzero()
+        if len(bad):
+            raise Diverged(epoch + 1, int(bad[0]) + 1)
+        record = {
+            "epoch": epoch + 1,
+            "loss": step_losses.mean().item() / members,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(members * n / seconds, 1),
+        }
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            record.update(evaluate(model))
+            if best is not None:
+                best.update(record["val_errors"], epoch + 1)
+        history.append(record)
+        hooks.on_epoch(record)
+        if hooks.save_state is not None:
+            hooks.save_state(capture_state(epoch + 1, history, model, optimizer, scheduler, order_rngs, jitter_rng, best))
+    if best is not None:
+        best.restore()
+        history[-1]["best_epoch"] = best.best_epoch
+    return history
+
+
+class EarlyStopping:
+    """Keeps, per member, the weights of the epoch with the fewest validation errors."""
+
+    def __init__(self, model: StackedMLP):
+        self.model = model
+        self.best_errors = torch.full((model.members,), math.inf)
+        self.best_epoch = [0] * model.members
+        self.weights = [p.detach().clone() for p in model.parameters()]
+
+    def update(self, val_errors: list[int], epoch: int) -> None:
+        improved = torch.tensor(val_errors, dtype=torch.float) < self.best_errors
+        if not improved.any():
+            return
+        self.best_errors = torch.where(improved, torch.tensor(val_errors, dtype=torch.float), self.best_errors)
+        for k in improved.nonzero().flatten().tolist():
+            self.best_epoch[k] = epoch
+        mask = improved.to(self.weights[0].device)
+        with torch.no_grad():
+            for saved, p in zip(self.weights, self.model.parameters()):
+                saved[mask] = p[mask]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for saved, p in zip(self.weights, self.model.parameters()):
+                p.copy_(saved)
+
+    def state(self) -> dict:
+        return {"best_errors": self.best_errors, "best_epoch": self.best_epoch, "weights": self.weights}
+
+    def load(self, state: dict) -> None:
+        self.best_errors, self.best_epoch = state["best_errors"], list(state["best_epoch"])
+        self.weights = [w.to(p.device) for w, p in zip(state["weights"], self.model.parameters())]
+
+
+def capture_state(epoch, history, model, optimizer, scheduler, order_rngs, jitter_rng, best) -> dict:
+    return {
+        "epoch": epoch,
+        "history": history,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "order_rngs": [g.get_state() for g in order_rngs],
+        "jitter_rng": jitter_rng.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": list(random.getstate()[1]),
+        "early_stopping": best.state() if best is not None else None,
+    }
+
+
+def restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, best) -> tuple[int, list]:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for g, s in zip(order_rngs, state["order_rngs"]):
+        g.set_state(s)
+    jitter_rng.set_state(state["jitter_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if best is not None and state["early_stopping"] is not None:
+        best.load(state["early_stopping"])
+    return state["epoch"], list(state["history"])
+
+
+# --- teachers ---------------------------------------------------------------
+
+def load_teacher(path: str | Path, device: torch.device) -> tuple[StackedMLP, dict]:
+    """A frozen teacher (a single model or an ensemble) in eval mode."""
+    teacher, payload = runs.load_model(path)
+    if teacher.arch["n_classes"] != 10 or teacher.arch["n_inputs"] != 28 * 28:
+        raise runs.RunError(f"{path}: teacher has {teacher.arch['n_inputs']} inputs and "
+                            f"{teacher.arch['n_classes']} outputs; kdcli students need 784 and 10")
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, payload
+
+
+def teacher_targets(teacher: StackedMLP, flat_images: torch.Tensor, temperatures: list[float], combine: str) -> torch.Tensor:
+    """Soft targets (1 or members, n, classes) as log-probabilities, one per distinct temperature."""
+    with torch.no_grad():
+        logits = predict(teacher, flat_images)  # (teachers, n, classes)
+        if len(set(temperatures)) == 1:
+            return soft_targets(logits, temperatures[0], combine).unsqueeze(0)
+        return torch.stack([soft_targets(logits, t, combine) for t in temperatures])
+
+
+def build_transfer_set(cfg: Config, data: Dataset, device: torch.device) -> TransferSet:
+    keep = class_filter(data.train_y, cfg.omit_digits, cfg.keep_digits)
+    if len(keep) == 0:
+        raise runs.RunError("the transfer set is empty after removing the omitted digits")
+    images, labels = data.train_x[keep], data.train_y[keep]
+    transfer = TransferSet(images, labels)
+    if not cfg.teacher:
+        return transfer
+    teacher, payload = load_teacher(cfg.teacher, device)
+    teacher_dataset = payload.get("config", {}).get("dataset", cfg.dataset)
+    if teacher_dataset != cfg.dataset:
+        raise runs.RunError(f"teacher {cfg.teacher} was trained on {teacher_dataset}, this run uses {cfg.dataset}")
+    temps = member_temperatures(cfg)
+    if cfg.jitter == 0:
+        # The paper's transfer set is unaugmented: the teacher runs once, and
+        # distillation then costs what training the student alone costs.
+        transfer.soft_targets = teacher_targets(teacher, images.flatten(-2), temps, cfg.combine)
+    else:
+        transfer.teacher = lambda x: teacher_targets(teacher, x, temps, cfg.combine)
+    return transfer
+
+
+# --- a whole run ------------------------------------------------------------
+
+def make_evaluator(data: Dataset, ensemble: bool) -> Callable[[StackedMLP], dict]:
+    def evaluate(model: StackedMLP) -> dict:
+        out = {}
+        for split, images, labels in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+            if len(images) == 0:
+                continue
+            logits = predict(model, images)
+            out[f"{split}_errors"] = count_errors(logits, labels).tolist()
+            if ensemble:
+                out[f"{split}_ensemble_errors"] = int(count_errors(combine_logits(logits), labels))
+        return out
+
+    return evaluate
+
+
+def final_result(cfg: Config, model: StackedMLP, data: Dataset, history: list[dict], command: str) -> dict:
+    logits = predict(model, data.test_x)  # (members, n, classes)
+    temps = member_temperatures(cfg)
+    seeds = member_seeds(cfg.seed, model.members)
+    members = []
+    for k in range(model.members):
+        summary = summarize(combine_logits(logits[k : k + 1]), data.test_y)
+        members.append({"member": k, "seed": seeds[k], "temperature": temps[k] if cfg.teacher else None,
+                        "test_errors": summary["n_errors"], "test_nll": summary["nll"],
+                        "per_class_errors": summary["per_class_errors"]})
+    result = {"command": command, "name": cfg.name, "dataset": cfg.dataset, "members": members}
+    if model.members == 1 or command == "train-ensemble":
+        result["test"] = summarize(combine_logits(logits, "mean_probs"), data.test_y)
+    if model.members > 1:
+        result["ensemble"] = {rule: {k: v for k, v in summarize(combine_logits(logits, rule), data.test_y).items()
+                                     if k in ("n_errors", "accuracy", "nll")}
+                              for rule in ("mean_probs", "mean_logits")}
+    if len(data.val_x):
+        val_logits = predict(model, data.val_x)
+        result["val_errors"] = count_errors(val_logits, data.val_y).tolist()
+    return result
+
+
+def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: bool = False,
+                 command_line: str | None = None) -> dict:
+    """Load data, build the transfer set, train, evaluate and write the run directory."""
+    started = time.perf_counter()
+    device = pick_device(cfg.device)
+    run_dir = cfg.run_dir
+    data = load_dataset(cfg, device)
+    transfer = build_transfer_set(cfg, data, device)
+    model = build_model(arch_from_config(cfg), seeds=member_seeds(cfg.seed, cfg.members)).to(device)
+    hooks = hooks or Hooks()
+    state = None
+    if resume:
+        state = runs.read_checkpoint(runs.checkpoint_path(run_dir, runs.RESUME))
+        state = state.get("train_state")
+        if state is None:
+            raise runs.RunError(f"{run_dir / runs.RESUME}: holds no training state")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # metrics.jsonl restarts from what the resumable state knows, so an
+    # epoch logged just before an interrupt is not logged twice
+    (run_dir / runs.METRICS).unlink(missing_ok=True)
+    for record in (state or {}).get("history", []):
+        runs.append_metrics(run_dir, record)
+    runs.write_config(cfg, run_dir)
+    if hooks.save_state is None:
+        hooks.save_state = lambda s: runs.save_checkpoint(run_dir / runs.RESUME, model, cfg.to_dict(), {"train_state": s})
+    user_on_epoch = hooks.on_epoch
+
+    def on_epoch(record: dict) -> None:
+        runs.append_metrics(run_dir, record)
+        user_on_epoch(record)
+
+    hooks.on_epoch = on_epoch
+    history = fit(model, transfer, cfg, make_evaluator(data, ensemble=cfg.members > 1), hooks, state)
+    train_seconds = sum(r["seconds"] for r in history)
+    result = final_result(cfg, model, data, history, command)
+    result.update({
+        "n_transfer": len(transfer.images),
+        "epochs": cfg.epochs,
+        "best_epoch": history[-1].get("best_epoch"),
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "samples_per_s": round(cfg.members * len(transfer.images) * len(history) / max(train_seconds, 1e-9), 1),
+        "device": str(device),
+        "seed": cfg.seed,
+        "torch_version": torch.__version__,
+        "command_line": command_line or shlex.join(["kdcli", *sys.argv[1:]]),
+        "config": cfg.to_dict(),
+    })
+    runs.save_checkpoint(run_dir / runs.CHECKPOINT, model, cfg.to_dict())
+    runs.write_json(run_dir / runs.RESULT, result)
+    (run_dir / runs.RESUME).unlink(missing_ok=True)
+    return result

@@ -1,0 +1,54 @@
+"""Shared fixtures: real MNIST when ../shared/data is there, else a small generated IDX set."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_idx(path: Path, array: torch.Tensor, compress: bool = True) -> Path:
+    """Write a uint8 tensor as an IDX file (magic 0x0000 08 ndim, big-endian dims)."""
+    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
+    raw = header + array.to(torch.uint8).contiguous().numpy().tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def make_synthetic_mnist(folder: Path, n_train: int = 3000, n_test: int = 1000, seed: int = 0) -> Path:
+    """Learnable fake digits: class c lights a bar at row 2 + 2c, plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for c in range(10):
+            images[labels == c, 2 + 2 * c : 4 + 2 * c, 4:24] = 255
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A folder with MNIST's four IDX files: the real ones when present."""
+    if (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").is_file():
+        return SHARED_DATA / "mnist"
+    return make_synthetic_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return make_synthetic_mnist(tmp_path_factory.mktemp("synthetic"), n_train=600, n_test=200)
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch, tmp_path):
+    """No test reads the user's environment or writes into the repo."""
+    monkeypatch.delenv("KDCLI_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(REPO)

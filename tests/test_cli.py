@@ -1,0 +1,117 @@
+"""Every command end to end on the smoke experiments, and bad input through the real CLI."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import kdcli.train as train_module
+from kdcli.cli import app
+
+runner = CliRunner()
+
+
+def kdcli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    result = kdcli("train-teacher", "-c", "experiments/smoke/teacher.yaml", "--data-dir", data_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_teacher_writes_the_run_directory(teacher_run):
+    for name in ("config.yaml", "model.pt", "metrics.jsonl", "result.json"):
+        assert (teacher_run / name).is_file()
+    result = json.loads((teacher_run / "result.json").read_text())
+    assert set(result["test"]) >= {"n_errors", "accuracy", "per_class_errors", "confusion"}
+    assert sum(map(sum, result["test"]["confusion"])) == result["test"]["n_examples"]
+    for key in ("wall_seconds", "samples_per_s", "device", "seed", "torch_version", "command_line"):
+        assert key in result
+
+
+def test_distill_from_the_teacher_with_flag_overrides(teacher_run, data_dir, tmp_path):
+    out = tmp_path / "distill"
+    result = kdcli("distill", "-c", "experiments/smoke/distill.yaml", "--teacher", teacher_run,
+                   "--data-dir", data_dir, "--out", out, "--T", "5", "--alpha", "0.7")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["config"]["temperature"] == 5.0 and saved["config"]["alpha"] == 0.7
+    assert saved["members"][0]["temperature"] == 5.0
+
+
+def test_eval_prints_and_writes_json(teacher_run, data_dir, tmp_path):
+    result = kdcli("eval", teacher_run, "--data-dir", data_dir, "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    assert "test errors" in result.stdout
+    trained = json.loads((teacher_run / "result.json").read_text())["test"]["n_errors"]
+    assert json.loads((tmp_path / "e.json").read_text())["test"]["n_errors"] == trained
+
+
+def test_train_ensemble_smoke(data_dir, tmp_path):
+    out = tmp_path / "ens"
+    result = kdcli("train-ensemble", "-c", "experiments/smoke/ensemble.yaml", "--data-dir", data_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "result.json").read_text())
+    assert len(saved["members"]) == 3 and set(saved["ensemble"]) == {"mean_probs", "mean_logits"}
+
+
+def test_flags_reach_the_config(monkeypatch, tmp_path, teacher_run):
+    seen = {}
+    monkeypatch.setattr(train_module, "run_training", lambda cfg, *a, **k: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr("kdcli.report.print_result", lambda *a: None)
+    kdcli("distill", "--T", "8", "--epochs", "2", "--batch-size", "64", "--lr", "0.3", "--seed", "9",
+          "--teacher", teacher_run, "--out", tmp_path / "x", "--device", "cpu", "--hidden", "30,30")
+    cfg = seen["cfg"]
+    assert (cfg.temperature, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, cfg.hidden) == (8.0, 2, 64, 0.3, 9, [30, 30])
+    assert cfg.alpha == 1.0 and cfg.name == "distill"  # from experiments/distill.yaml
+
+
+def test_dry_run_trains_nothing(tmp_path):
+    result = kdcli("train-teacher", "--dry-run", "--out", tmp_path / "t", "--epochs", "3")
+    assert result.exit_code == 0 and '"epochs": 3' in result.stdout
+    assert not (tmp_path / "t").exists()
+
+
+def test_finished_run_is_not_overwritten(teacher_run, data_dir):
+    before = (teacher_run / "result.json").read_bytes()
+    line = one_line_error(kdcli("train-teacher", "-c", "experiments/smoke/teacher.yaml", "--out", teacher_run,
+                                "--data-dir", data_dir))
+    assert "--force" in line
+    assert (teacher_run / "result.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["distill", "--T", "0"], "temperature"),
+    (["distill", "--T", "-1"], "temperature"),
+    (["distill", "--alpha", "2"], "alpha"),
+    (["train-teacher", "--epochs", "-3"], "epochs"),
+    (["train-teacher", "--batch-size", "0"], "batch_size"),
+    (["train-teacher", "--hidden", ","], "hidden"),
+    (["distill", "--teacher", "runs/does-not-exist"], "not found"),
+    (["train-teacher", "-c", "experiments/missing.yaml"], "not found"),
+    (["train-ensemble", "--members", "0"], "members"),
+    (["eval", "runs/does-not-exist"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected, tmp_path):
+    line = one_line_error(kdcli(*args, *(["--out", tmp_path / "o"] if args[0] != "eval" else [])))
+    assert expected in line
+
+
+def test_malformed_yaml_and_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    assert "malformed YAML" in one_line_error(kdcli("train-teacher", "-c", bad))
+    bad.write_text("epoch: 3\n")
+    assert "did you mean 'epochs'" in one_line_error(kdcli("train-teacher", "-c", bad))

@@ -1,0 +1,100 @@
+"""The distillation objective against an independent float64 reference (values and gradients)."""
+
+import math
+
+import pytest
+import torch
+
+from kdcli.losses import distillation_loss, hard_loss, soft_loss, soft_targets
+
+
+def reference_loss(z_s, z_t, y, T, alpha):
+    """Written from the paper's formula with explicit sums, no torch.nn.functional."""
+    def softmax(z):
+        e = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+        return e / e.sum(dim=-1, keepdim=True)
+    q, p = softmax(z_t / T), softmax(z_s / T)
+    kl = (q * (torch.log(q) - torch.log(p))).sum(-1).mean()
+    ce = -torch.log(softmax(z_s)[torch.arange(len(y)), y]).mean()
+    return alpha * T * T * kl + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize("T", [1.0, 2.5, 20.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_loss_and_gradient_match_reference(T, alpha):
+    g = torch.Generator().manual_seed(0)
+    z_t = torch.randn(16, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (16,), generator=g)
+    z_s = (torch.randn(16, 10, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    z_ref = z_s.detach().clone().requires_grad_()
+
+    ours = distillation_loss(z_s, soft_targets(z_t.unsqueeze(0), T), y, T, alpha)
+    ref = reference_loss(z_ref, z_t, y, T, alpha)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(ours, ref, atol=1e-10)
+    assert torch.allclose(z_s.grad, z_ref.grad, atol=1e-10)
+
+
+def test_soft_term_and_gradient_vanish_when_logits_match():
+    z = torch.randn(8, 10, dtype=torch.float64) * 5
+    z_s = z.clone().requires_grad_()
+    loss = soft_loss(z_s, soft_targets(z.unsqueeze(0), 4.0), 4.0)
+    loss.backward()
+    assert abs(loss.item()) < 1e-12
+    assert z_s.grad.abs().max() < 1e-12
+
+
+def test_high_temperature_gradient_approaches_logit_difference_over_n():
+    """Paper §2.1: at high T, dL/dz_s ~ (z_s - z_t) / N for zero-mean logits (per example)."""
+    g = torch.Generator().manual_seed(1)
+    n_classes, T = 10, 1000.0
+    z_t = torch.randn(1, n_classes, generator=g, dtype=torch.float64)
+    z_t -= z_t.mean()
+    z_s = torch.randn(1, n_classes, generator=g, dtype=torch.float64)
+    z_s = (z_s - z_s.mean()).requires_grad_()
+    soft_loss(z_s, soft_targets(z_t.unsqueeze(0), T), T).backward()
+    expected = (z_s.detach() - z_t) / n_classes
+    assert torch.allclose(z_s.grad, expected, rtol=1e-2, atol=1e-6)
+    # and at low T it does not (the approximation is a high-T one)
+    z_low = z_s.detach().clone().requires_grad_()
+    soft_loss(z_low, soft_targets(z_t.unsqueeze(0), 1.0), 1.0).backward()
+    assert not torch.allclose(z_low.grad, expected, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 100.0])
+def test_extreme_logits_stay_finite(T):
+    z_t = torch.tensor([[50.0, -50.0] + [0.0] * 8, [-50.0] * 9 + [50.0]])
+    z_s = torch.tensor([[-50.0, 50.0] + [0.0] * 8, [50.0] * 9 + [-50.0]], requires_grad=True)
+    loss = distillation_loss(z_s, soft_targets(z_t.unsqueeze(0), T), torch.tensor([0, 9]), T, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(z_s.grad).all()
+
+
+def test_stacked_members_sum_their_own_batch_means():
+    g = torch.Generator().manual_seed(2)
+    z_s = torch.randn(3, 5, 10, generator=g)
+    z_t = torch.randn(1, 5, 10, generator=g)
+    y = torch.randint(0, 10, (3, 5), generator=g)
+    temps = torch.tensor([1.0, 4.0, 20.0]).reshape(3, 1, 1)
+    targets = torch.stack([soft_targets(z_t, t) for t in temps.flatten()])
+    stacked = distillation_loss(z_s, targets, y, temps, 0.7)
+    separate = sum(distillation_loss(z_s[k], targets[k], y[k], float(temps[k]), 0.7) for k in range(3))
+    assert torch.allclose(stacked, separate, atol=1e-5)
+
+
+def test_ensemble_combination_rules_by_hand():
+    z = torch.tensor([[[2.0, 0.0, 0.0]], [[0.0, 2.0, 0.0]]])  # two members, one example
+    p1 = torch.softmax(z[0, 0], -1)
+    p2 = torch.softmax(z[1, 0], -1)
+    arithmetic = soft_targets(z, 1.0, "mean_probs").exp()[0]
+    assert torch.allclose(arithmetic, (p1 + p2) / 2)
+    geometric = soft_targets(z, 1.0, "mean_logits").exp()[0]
+    g = torch.sqrt(p1 * p2)
+    assert torch.allclose(geometric, g / g.sum())
+
+
+def test_hard_loss_is_cross_entropy():
+    z = torch.tensor([[math.log(3.0), 0.0]])
+    assert torch.allclose(hard_loss(z, torch.tensor([0])), torch.tensor(-math.log(0.75)))

@@ -1,0 +1,99 @@
+"""The one training loop: exact repeats, exact resume, stacks equal separate runs."""
+
+import pytest
+import torch
+
+from kdcli.config import make_config
+from kdcli.data import load_dataset
+from kdcli.models import StackedMLP
+from kdcli.train import Diverged, Hooks, TransferSet, fit, run_training, teacher_targets
+
+
+def config(synthetic_dir, tmp_path, **extra):
+    values = dict(data_dir=str(synthetic_dir), hidden=[24], epochs=3, batch_size=50, lr=0.05,
+                  out=str(tmp_path / "run"), device="cpu")
+    values.update(extra)
+    return make_config(values)
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_seeded_runs_repeat_exactly(synthetic_dir, tmp_path):
+    kw = dict(dropout_input=0.2, dropout_hidden=0.3, jitter=2, max_norm=2.0)
+    a = run_training(config(synthetic_dir, tmp_path / "a", **kw), "train-teacher")
+    b = run_training(config(synthetic_dir, tmp_path / "b", **kw), "train-teacher")
+    assert a["test"] == b["test"]
+    wa, wb = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = run_training(config(synthetic_dir, tmp_path / "c", seed=2, **kw), "train-teacher")
+    wc = weights(tmp_path / "c" / "run")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_training_learns_the_synthetic_task(synthetic_dir, tmp_path):
+    result = run_training(config(synthetic_dir, tmp_path, epochs=4), "train-teacher")
+    assert result["test"]["n_errors"] < 20  # of 200; chance is 180
+
+
+def test_resume_after_interrupt_equals_uninterrupted(synthetic_dir, tmp_path):
+    kw = dict(dropout_input=0.2, dropout_hidden=0.3, jitter=2, max_norm=2.0, epochs=4)
+    full = run_training(config(synthetic_dir, tmp_path / "full", **kw), "train-teacher")
+
+    cfg = config(synthetic_dir, tmp_path / "cut", **kw)
+
+    def stop_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    # on_epoch runs before the epoch's state is saved: the kept state is epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, "train-teacher", Hooks(on_epoch=stop_after_epoch_2))
+    assert (cfg.run_dir / "resume.pt").is_file() and not (cfg.run_dir / "result.json").exists()
+    resumed = run_training(cfg, "train-teacher", resume=True)
+
+    assert resumed["test"] == full["test"]
+    wf, wr = weights(tmp_path / "full" / "run"), weights(cfg.run_dir)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    metrics = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4
+    assert not (cfg.run_dir / "resume.pt").exists()
+
+
+def test_stacked_members_train_like_separate_runs(synthetic_dir, tmp_path):
+    stacked = run_training(config(synthetic_dir, tmp_path / "s", members=2, epochs=2), "train-ensemble")
+    for k, seed in enumerate((1, 1001)):
+        single = run_training(config(synthetic_dir, tmp_path / f"m{k}", seed=seed, epochs=2), "train-teacher")
+        w_single = weights(tmp_path / f"m{k}" / "run")
+        w_stack = weights(tmp_path / "s" / "run")
+        for name in w_single:
+            assert torch.allclose(w_stack[name][k : k + 1], w_single[name], atol=1e-4), name
+        assert abs(stacked["members"][k]["test_errors"] - single["test"]["n_errors"]) <= 1
+
+
+def test_cached_and_per_batch_teacher_targets_agree():
+    teacher = StackedMLP([16], members=3, seeds=[1, 2, 3]).eval()
+    images = torch.rand(40, 28, 28)
+    temps = [4.0]
+    cached = TransferSet(images, torch.zeros(40, dtype=torch.long),
+                         soft_targets=teacher_targets(teacher, images.flatten(-2), temps, "mean_probs"))
+    online = TransferSet(images, torch.zeros(40, dtype=torch.long),
+                         teacher=lambda x: teacher_targets(teacher, x, temps, "mean_probs"))
+    idx = torch.randint(0, 40, (2, 8))
+    x = images[idx].flatten(-2)
+    assert torch.allclose(cached.targets_for(idx, x), online.targets_for(idx, x), atol=1e-6)
+
+
+def test_divergence_is_reported_with_epoch_and_step(synthetic_dir, tmp_path):
+    cfg = config(synthetic_dir, tmp_path, lr=1e30, schedule="constant", momentum=0.0)
+    data = load_dataset(cfg, torch.device("cpu"))
+    model = StackedMLP([24])
+    with pytest.raises(Diverged, match=r"epoch 1, step \d+"):
+        fit(model, TransferSet(data.train_x, data.train_y), cfg, evaluate=lambda m: {})
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(synthetic_dir, tmp_path):
+    cfg = config(synthetic_dir, tmp_path, val_size=100, early_stopping=True, epochs=3)
+    result = run_training(cfg, "train-teacher")
+    assert 1 <= result["best_epoch"][0] <= 3
