@@ -2,13 +2,16 @@
 
 Each command collects options, merges them over its YAML experiment file
 (defaults < YAML < flags) and calls one core function. A mistake the user can
-fix prints one line and exits with code 2; an interrupt keeps the last
-finished epoch and exits with 130.
+fix prints one line and exits with code 2; Ctrl-C or SIGTERM keeps the last
+finished epoch, says how to resume and exits with 130; a run whose loss
+diverges keeps its last good epoch and exits with 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import logging
 import shlex
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -26,12 +30,41 @@ from .config import Config, ConfigError, load_config
 from .data import DataError
 from .train import Diverged, Hooks
 
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Typer's own usage errors (an unknown flag, `--epochs abc`) as one line on
+    stderr and exit code 2, like every other mistake a user can fix."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            # commands return None; an int here is the code of a typer.Exit
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            Console(stderr=True).print("aborted", highlight=False)
+            sys.exit(1)
+        except Exception as problem:
+            usage = getattr(problem, "ctx", None)
+            if not (hasattr(problem, "format_message") and hasattr(problem, "exit_code")):
+                raise
+            if type(problem).__name__ == "NoArgsIsHelpError":  # the help is already printed
+                sys.exit(problem.exit_code)
+            where = f" (see: {usage.command_path} --help)" if usage is not None else ""
+            Console(stderr=True).print(f"[bold red]error:[/] {problem.format_message()}{where}",
+                                       highlight=False, soft_wrap=True)
+            sys.exit(problem.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="kdcli",
     help="Knowledge-distillation experiments: reproduce Hinton, Vinyals & Dean (2015) on MNIST.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    cls=OneLineUsageErrors,
 )
 out = Console()
 err = Console(stderr=True)
@@ -64,6 +97,8 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a finished run directory.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Diagnostic logging.")]
+BiasShiftOpt = Annotated[Optional[list[str]], typer.Option(
+    "--bias-shift", help="Add to output biases, e.g. 3=+3.5 or 7=-7.6,8=-7.6 (repeatable).", show_default=False)]
 
 
 def default_experiment(filename: str) -> Path:
@@ -93,9 +128,12 @@ def user_errors():
                   "Try a lower --lr, or a lower temperature.", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
     except OSError as problem:  # unwritable directory, full disk: finished files are renamed in atomically
-        err.print(f"[bold red]error:[/] {problem.strerror or problem}: {problem.filename or ''}".rstrip(": "),
-                  highlight=False, soft_wrap=True)
+        where = f"{problem.filename}: " if problem.filename else ""
+        err.print(f"[bold red]error:[/] {where}{problem.strerror or problem}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2)
+    except KeyboardInterrupt:  # training commands say more (train_command); here nothing was kept half-done
+        err.print("interrupted", highlight=False)
+        raise typer.Exit(code=130)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -105,10 +143,12 @@ def _raise_interrupt(signum, frame):
 
 
 def setup_logging(verbose: bool) -> None:
+    """Warnings only by default; --verbose adds kdcli's own diagnostics (not every library's)."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)], force=True)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def resolve(config_path: Optional[Path], default_file: str, **flags) -> Config:
@@ -117,46 +157,104 @@ def resolve(config_path: Optional[Path], default_file: str, **flags) -> Config:
 
 
 def check_run_dir(cfg: Config, resume: bool, force: bool) -> None:
+    """Refuse, in one line, to start over a run directory that holds something (unless --force)."""
     run_dir = cfg.run_dir
+    owner = runs.running_pid(run_dir)
+    if owner is not None:
+        raise UsageProblem(f"{run_dir} is being trained by process {owner}: wait for it, or stop it first")
     if resume:
         if not (run_dir / runs.RESUME).is_file():
             raise UsageProblem(f"nothing to resume in {run_dir}: no {runs.RESUME} there")
         return
-    if (run_dir / runs.RESULT).is_file() and not force:
+    if force or not run_dir.exists():
+        return
+    state = runs.run_status(run_dir)
+    unfinished = (run_dir / runs.RESUME).is_file()
+    if unfinished and state in ("interrupted", "failed"):
+        raise UsageProblem(f"{run_dir} holds {'a failed' if state == 'failed' else 'an interrupted'} run; "
+                           "pass --resume to continue it or --force to start over")
+    if (run_dir / runs.RESULT).is_file():
         raise UsageProblem(f"{run_dir} already holds a finished run; pass --force to overwrite it or --out to write elsewhere")
-    if (run_dir / runs.RESUME).is_file() and not force:
+    if unfinished:
         raise UsageProblem(f"{run_dir} holds an interrupted run; pass --resume to continue it or --force to start over")
+
+
+def resume_hint(command_line: str) -> str:
+    """The command that continues this run: the same one with --resume (without --force)."""
+    words = [w for w in shlex.split(command_line) if w not in ("--force", "--resume")]
+    callbacks = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}
+    command = next((w for w in words[1:] if w in callbacks), None)
+    if command and "resume" in inspect.signature(callbacks[command]).parameters:
+        words.append("--resume")
+    return shlex.join(words)
+
+
+def describe_plan(cfg: Config, command: str, resume: bool, force: bool) -> str:
+    """One line: what a training command would do (--dry-run)."""
+    try:
+        check_run_dir(cfg, resume, force)
+    except UsageProblem as problem:
+        return f"[bold]{command}[/] would stop: {problem}"
+    if resume:
+        where = f"resume the interrupted run in [cyan]{cfg.run_dir}[/]"
+    elif (cfg.run_dir / runs.RESULT).is_file() or (cfg.run_dir / runs.RESUME).is_file():
+        where = f"replace the run in [cyan]{cfg.run_dir}[/] (--force)"
+    else:
+        where = f"train into [cyan]{cfg.run_dir}[/]"
+    shape = "-".join(map(str, [784, *cfg.hidden, 10]))
+    models = f"{cfg.members} × {shape}" if cfg.members > 1 else shape
+    teacher = f", soft targets of {cfg.teacher} at T={cfg.temperatures or cfg.temperature:g}" if cfg.teacher and not cfg.temperatures else ""
+    if cfg.teacher and cfg.temperatures:
+        teacher = f", soft targets of {cfg.teacher} at T={cfg.temperatures}"
+    return (f"[bold]{command}[/] would {where}: {models} for {cfg.epochs} epochs on {cfg.dataset}{teacher}, "
+            f"seed {cfg.seed}, device {cfg.device}; resolved config:")
 
 
 def check_teacher(cfg: Config, needed: bool) -> None:
     if needed and not cfg.teacher:
         raise UsageProblem("no teacher given: set 'teacher' in the experiment file or pass --teacher")
-    if cfg.teacher and not Path(cfg.teacher).exists():
-        raise UsageProblem(f"teacher run '{cfg.teacher}' not found: train it first (kdcli train-teacher) or pass --teacher")
+    for path in (cfg.teacher or "").split(","):  # several runs, comma-separated, form one ensemble teacher
+        if path.strip() and not Path(path.strip()).exists():
+            raise UsageProblem(f"teacher run '{path.strip()}' not found: train it first (kdcli train-teacher) or pass --teacher")
+        if path.strip():
+            runs.checkpoint_path(path.strip())  # a directory without a model fails here, before any work
 
 
-def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run: bool, verbose: bool) -> None:
-    """What every training command does once its config is resolved."""
+def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run: bool, verbose: bool) -> dict | None:
+    """What every training command does once its config is resolved; the result, or None on a dry run."""
     from .report import print_result
     from .train import run_training
 
     setup_logging(verbose)
     if dry_run:
-        out.print(f"[bold]{command}[/] would train into [cyan]{cfg.run_dir}[/] with:")
+        out.print(describe_plan(cfg, command, resume, force), highlight=False)
         out.print_json(json.dumps(cfg.to_dict()))
-        return
+        return None
     check_run_dir(cfg, resume, force)
     command_line = shlex.join(["kdcli", *sys.argv[1:]])
     try:
         with training_progress(cfg) as hooks:
             result = run_training(cfg, command, hooks, resume=resume, command_line=command_line)
     except KeyboardInterrupt:
-        err.print(f"interrupted: the last finished epoch is saved in {cfg.run_dir}; "
-                  f"continue with: {command_line} --resume", highlight=False, soft_wrap=True)
+        if (cfg.run_dir / runs.RESUME).is_file():
+            err.print(f"interrupted: the last finished epoch is saved in {cfg.run_dir / runs.RESUME}; "
+                      f"continue with: {resume_hint(command_line)}", highlight=False, soft_wrap=True)
+        else:
+            err.print(f"interrupted before the first epoch finished: nothing to resume yet in {cfg.run_dir}",
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(code=130)
+    except Diverged as problem:
+        hint = f"try a lower --lr (it was {cfg.lr:g})"
+        if cfg.teacher:
+            hint += f" or a lower --T (it was {cfg.temperatures or f'{cfg.temperature:g}'})"
+        kept = (f"epoch {problem.epoch - 1} is kept in {cfg.run_dir / runs.RESUME}" if problem.epoch > 1
+                else "no epoch had finished, so nothing was kept")
+        err.print(f"[bold red]error:[/] {problem}: {hint}; {kept}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
     print_result(result, out)
     out.print(f"run directory: [cyan]{cfg.run_dir}[/]")
     check_expectation(cfg, result)
+    return result
 
 
 def check_expectation(cfg: Config, result: dict) -> None:
@@ -243,7 +341,8 @@ def distill(
         cfg = resolve(config, "distill.yaml", temperature=temperature, alpha=alpha, epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, teacher=teacher, device=device, data_dir=data_dir,
                       out=out_dir, name=name, hidden=hidden, combine=combine)
-        check_teacher(cfg, needed=True)
+        if not dry_run:
+            check_teacher(cfg, needed=True)
         train_command("distill", cfg, resume, force, dry_run, verbose)
 
 
@@ -269,26 +368,133 @@ def train_ensemble(
         train_command("train-ensemble", cfg, resume, force, dry_run, verbose)
 
 
+@app.command("sweep")
+def sweep(
+    config: ConfigOpt = None, teacher: TeacherOpt = None, epochs: EpochsOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = None, data_dir: DataDirOpt = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder for the sweep's runs (default runs).")] = None,
+    force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
+):
+    """Run every point of a grid experiment; finished points are kept, interrupted ones resumed.
+
+    Example: [bold]kdcli sweep -c experiments/tsweep.yaml[/] (students of 800, 300 and 30 units, T from 1 to 20)
+    """
+    from .config import load_sweep
+
+    with user_errors():
+        path = config or default_experiment("tsweep.yaml")
+        configs = load_sweep(path, flag_overrides(teacher=teacher, epochs=epochs, seed=seed, device=device,
+                                                  data_dir=data_dir))
+        if out_dir:
+            configs = [dataclasses.replace(c, out=str(Path(out_dir) / c.name)) for c in configs]
+        for cfg in configs:
+            command = "distill" if cfg.teacher else "train-teacher"
+            if not dry_run:
+                check_teacher(cfg, needed=False)
+            if (cfg.run_dir / runs.RESULT).is_file() and not force and not dry_run:
+                out.print(f"{cfg.run_dir}: finished, kept")
+                continue
+            resume = (cfg.run_dir / runs.RESUME).is_file() and not force
+            train_command(command, cfg, resume=resume, force=force, dry_run=dry_run, verbose=verbose)
+
+
+@app.command("report")
+def report(
+    runs_dir: Annotated[Path, typer.Option("--runs", help="Folder of run directories.")] = Path("runs"),
+    results_dir: Annotated[Path, typer.Option("--out", help="Where REPORT.md, summary.json and plots go.")] = Path("results"),
+):
+    """Build the paper-vs-kdcli table from the runs' result.json files.
+
+    Example: [bold]kdcli report[/] (writes results/REPORT.md and results/tsweep.png)
+    """
+    from .report import build_report
+
+    with user_errors():
+        if not runs_dir.is_dir():
+            raise UsageProblem(f"no run directory folder at {runs_dir}")
+        path = build_report(runs_dir, results_dir, out)
+        out.print(f"wrote [cyan]{path}[/]")
+
+
+@app.command("omit-class")
+def omit_class(
+    digit: Annotated[Optional[list[str]], typer.Option(
+        "--digit", help="A digit removed from the transfer set (repeatable).", show_default=False)] = None,
+    digits: Annotated[Optional[str], typer.Option("--digits", help="Digits removed from the transfer set, e.g. 3,5.")] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="The only digits kept in the transfer set, e.g. 7,8.")] = None,
+    bias_shift: BiasShiftOpt = None,
+    config: ConfigOpt = None, temperature: TemperatureOpt = None, alpha: AlphaOpt = None, epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, teacher: TeacherOpt = None,
+    device: DeviceOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
+    hidden: HiddenOpt = None,
+    resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
+):
+    """Distil with digits missing from the transfer set, then correct the student's output biases.
+
+    Example: [bold]kdcli omit-class --digit 3 --bias-shift 3=+3.5[/] or [bold]kdcli omit-class --keep 7,8[/]
+    """
+    from . import omit
+
+    with user_errors():
+        user_shifts = omit.parse_bias_shifts(bias_shift) if bias_shift else None
+        selection = omit.digit_overrides(digit, digits, keep)
+        cfg = resolve(config, omit.experiment_file(selection), **selection, temperature=temperature, alpha=alpha,
+                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher, device=device,
+                      data_dir=data_dir, out=out_dir, name=name or omit.run_name(selection), hidden=hidden)
+        omit.check_config(cfg)
+        if not dry_run:
+            check_teacher(cfg, needed=True)
+        if train_command("omit-class", cfg, resume, force, dry_run, verbose) is not None:
+            omit.print_bias_correction(omit.correct_run(cfg, user_shifts), out)
+            out.print(f"bias correction and plot: [cyan]{cfg.run_dir / runs.RESULT}[/], [cyan]{cfg.run_dir / omit.PLOT}[/]")
+
+
+@app.command("runs")
+def list_runs(
+    folder: Annotated[Path, typer.Argument(help="Folder of run directories.")] = Path("runs"),
+):
+    """A table of the run directories under a folder: settings, status, test errors, wall time.
+
+    Example: [bold]kdcli runs[/] (or [bold]kdcli runs results/old-runs[/])
+    """
+    from .report import runs_table
+
+    with user_errors():
+        if not folder.is_dir():
+            raise UsageProblem(f"no folder of run directories at {folder}")
+        found = runs.scan_runs(folder)
+        if not found:
+            out.print(f"no run directories under {folder}")
+            return
+        out.print(runs_table(found, title=f"runs under {folder}"))
+
+
 @app.command("eval")
 def evaluate_run(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint file.", show_default=False)],
     data_dir: DataDirOpt = None, device: DeviceOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
     combine: Annotated[str, typer.Option("--combine", help="Ensembles: mean_probs or mean_logits.")] = "mean_probs",
+    bias_shift: BiasShiftOpt = None,
     verbose: VerboseOpt = False,
 ):
     """Evaluate a checkpoint on the test set: errors, accuracy, per-class errors.
 
     Example: [bold]kdcli eval runs/teacher --json teacher-eval.json[/]
+    (with a bias correction: [bold]kdcli eval runs/omit-3 --bias-shift 3=+3.5[/])
     """
+    from .omit import parse_bias_shifts
     from .report import evaluate_checkpoint, print_eval
 
     setup_logging(verbose)
     with user_errors():
         if combine not in ("mean_probs", "mean_logits"):
             raise UsageProblem(f"--combine must be mean_probs or mean_logits, got '{combine}'")
-        result = evaluate_checkpoint(run, data_dir=data_dir, device=device, combine=combine)
+        shifts = parse_bias_shifts(bias_shift) if bias_shift else None
+        result = evaluate_checkpoint(run, data_dir=data_dir, device=device, combine=combine, bias_shifts=shifts)
         print_eval(result, out)
+        if shifts:
+            out.print("bias shifts: " + ", ".join(f"{d}={v:+g}" for d, v in shifts.items()))
         if json_out:
             runs.write_json(json_out, result)
             out.print(f"wrote [cyan]{json_out}[/]")

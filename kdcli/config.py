@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,6 +103,29 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Confi
     return make_config(values, source=str(path) if path else "flags")
 
 
+def load_sweep(path: str | Path, overrides: dict | None = None) -> list[Config]:
+    """An experiment file with a `grid:` mapping (key -> list of values) gives
+    one config per combination, named <name>-<value>[-<value>...]."""
+    values = read_yaml(Path(path), allow_grid=True)
+    grid = values.pop("grid", None)
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: a sweep needs 'grid:' mapping keys to non-empty lists of values")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    configs = []
+    for combination in itertools.product(*grid.values()):
+        point = dict(values, **dict(zip(grid, combination)))
+        suffix = "-".join(_label(v) for v in combination)
+        point["name"] = f"{values.get('name', 'sweep')}-{suffix}"
+        configs.append(make_config(point, source=str(path)))
+    return configs
+
+
+def _label(value) -> str:
+    if isinstance(value, list):
+        return "x".join(map(str, value)) if len(set(value)) > 1 else str(value[0])
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def make_config(values: dict, source: str = "config") -> Config:
     for key, value in values.items():
         check_key(key, source)
@@ -113,7 +137,7 @@ def make_config(values: dict, source: str = "config") -> Config:
     return cfg
 
 
-def read_yaml(path: Path, _seen: tuple = ()) -> dict:
+def read_yaml(path: Path, _seen: tuple = (), allow_grid: bool = False) -> dict:
     """Read an experiment file; `base: other.yaml` inherits from another file."""
     if not path.is_file():
         raise ConfigError(f"experiment file not found: {path}")
@@ -130,13 +154,15 @@ def read_yaml(path: Path, _seen: tuple = ()) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an experiment file must be a mapping of keys to values, got {type(data).__name__}")
+    if "grid" in data and not allow_grid:
+        raise ConfigError(f"{path}: 'grid' describes a sweep: run it with kdcli sweep -c {path}")
     base = data.pop("base", None)
     if base is None:
         return data
     base_path = (path.parent / str(base)).resolve()
     if base_path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
-    merged = read_yaml(base_path, _seen + (base_path,))
+    merged = read_yaml(base_path, _seen + (base_path,), allow_grid)
     merged.update(data)
     return merged
 

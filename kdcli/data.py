@@ -15,6 +15,7 @@ images held on the device, so the loop is bound by the matmuls.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")], "mnist": []}
 IDX_DTYPE = {0x08: torch.uint8}
 IMAGE_SIDE = 28
+log = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -147,6 +149,7 @@ def read_split(paths: dict[str, Path], split: str) -> tuple[torch.Tensor, torch.
 def load_dataset(cfg: Config, device: torch.device) -> Dataset:
     """Train / validation / test tensors on `device`, as the config asks."""
     paths = locate(cfg.dataset, cfg.data_dir)
+    log.info("%s from %s", cfg.dataset, paths["train_x"].parent)
     train_x, train_y = read_split(paths, "train")
     test_x, test_y = read_split(paths, "test")
     if cfg.val_size >= len(train_x):

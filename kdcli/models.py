@@ -116,3 +116,19 @@ def arch_from_config(cfg) -> dict:
 def member_seeds(seed: int, members: int) -> list[int]:
     """Member k's seed: member 0 uses the run's seed itself."""
     return [seed + 1000 * k for k in range(members)]
+
+
+def stack_models(models: list[StackedMLP]) -> StackedMLP:
+    """One stack holding every member of `models` (e.g. separately trained runs as
+    one ensemble). Raises ValueError when their architectures differ."""
+    first = {k: v for k, v in models[0].arch.items() if k != "members"}
+    for m in models[1:]:
+        other = {k: v for k, v in m.arch.items() if k != "members"}
+        if other != first:
+            differ = next(k for k in first if first[k] != other[k])
+            raise ValueError(f"members with different architectures: {differ} {first[differ]} vs {other[differ]}")
+    stacked = StackedMLP(**{**first, "members": sum(m.members for m in models)})
+    with torch.no_grad():
+        for i, p in enumerate(stacked.parameters()):
+            p.copy_(torch.cat([list(m.parameters())[i] for m in models]))
+    return stacked

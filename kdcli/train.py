@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import runs
@@ -27,13 +28,13 @@ from .config import Config, member_temperatures
 from .data import Dataset, class_filter, jitter, load_dataset
 from .evaluate import combine_logits, count_errors, predict, summarize
 from .losses import distillation_loss, soft_targets
-from .models import StackedMLP, arch_from_config, build_model, member_seeds
+from .models import StackedMLP, arch_from_config, build_model, member_seeds, stack_models
 
 log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite; the state of the last good epoch is kept."""
 
     def __init__(self, epoch: int, step: int):
         super().__init__(f"loss became NaN or infinite at epoch {epoch}, step {step}")
@@ -139,6 +140,8 @@ def fit(
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, steps * cfg.epochs)
     torch.manual_seed(cfg.seed)  # dropout masks
+    random.seed(cfg.seed)  # kdcli draws nothing from these two; seeded and saved so extensions resume exactly
+    np.random.seed(cfg.seed % 2**32)
     order_rngs = [torch.Generator().manual_seed(s + 7919) for s in member_seeds(cfg.seed, members)]
     jitter_rng = torch.Generator().manual_seed(cfg.seed + 104729)
     history: list[dict] = []
@@ -146,6 +149,7 @@ def fit(
     start_epoch = 0
     if state is not None:
         start_epoch, history = restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, best)
+        log.info("resuming after epoch %d of %d", start_epoch, cfg.epochs)
 
     hooks.on_start(start_epoch, cfg.epochs, steps)
     for epoch in range(start_epoch, cfg.epochs):
@@ -238,38 +242,66 @@ def capture_state(epoch, history, model, optimizer, scheduler, order_rngs, jitte
         "jitter_rng": jitter_rng.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python_rng": list(random.getstate()[1]),
+        "python_rng": random.getstate(),  # (version, tuple of 625 ints, gauss): plain values
+        "numpy_rng": _numpy_rng_state(),
         "early_stopping": best.state() if best is not None else None,
     }
 
 
+def _numpy_rng_state() -> tuple:
+    """np.random's global state as plain values (weights_only loads no ndarrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, keys.tolist(), int(pos), int(has_gauss), float(cached)
+
+
 def restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, best) -> tuple[int, list]:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for g, s in zip(order_rngs, state["order_rngs"]):
-        g.set_state(s)
-    jitter_rng.set_state(state["jitter_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if best is not None and state["early_stopping"] is not None:
-        best.load(state["early_stopping"])
-    return state["epoch"], list(state["history"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if len(state["order_rngs"]) != len(order_rngs):
+            raise ValueError(f"{len(state['order_rngs'])} members saved, {len(order_rngs)} in this run")
+        for g, s in zip(order_rngs, state["order_rngs"]):
+            g.set_state(s)
+        jitter_rng.set_state(state["jitter_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if isinstance(state.get("python_rng"), tuple):
+            random.setstate(state["python_rng"])
+        if state.get("numpy_rng") is not None:
+            name, keys, pos, has_gauss, cached = state["numpy_rng"]
+            np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if best is not None and state["early_stopping"] is not None:
+            best.load(state["early_stopping"])
+        return int(state["epoch"]), list(state["history"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise runs.RunError(f"{runs.RESUME}: the saved training state does not fit this run "
+                            f"({runs.first_line(err)}); start over with --force") from None
 
 
 # --- teachers ---------------------------------------------------------------
 
-def load_teacher(path: str | Path, device: torch.device) -> tuple[StackedMLP, dict]:
-    """A frozen teacher (a single model or an ensemble) in eval mode."""
-    teacher, payload = runs.load_model(path)
+def load_teacher(spec: str | Path, device: torch.device) -> tuple[StackedMLP, dict]:
+    """A frozen teacher in eval mode: one run (a single model or an ensemble run),
+    or several runs separated by commas, stacked into one ensemble."""
+    loaded = [runs.load_model(path.strip()) for path in str(spec).split(",") if path.strip()]
+    if not loaded:
+        raise runs.RunError("no teacher given")
+    datasets = {payload.get("config", {}).get("dataset", "mnist") for _, payload in loaded}
+    if len(datasets) > 1:
+        raise runs.RunError(f"teacher runs {spec} were trained on different datasets: {', '.join(sorted(datasets))}")
+    try:
+        teacher = stack_models([model for model, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
+    except ValueError as err:
+        raise runs.RunError(f"teacher {spec}: {err}") from None
     if teacher.arch["n_classes"] != 10 or teacher.arch["n_inputs"] != 28 * 28:
-        raise runs.RunError(f"{path}: teacher has {teacher.arch['n_inputs']} inputs and "
+        raise runs.RunError(f"{spec}: teacher has {teacher.arch['n_inputs']} inputs and "
                             f"{teacher.arch['n_classes']} outputs; kdcli students need 784 and 10")
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher, payload
+    return teacher, loaded[0][1]
 
 
 def teacher_targets(teacher: StackedMLP, flat_images: torch.Tensor, temperatures: list[float], combine: str) -> torch.Tensor:
@@ -343,39 +375,81 @@ def final_result(cfg: Config, model: StackedMLP, data: Dataset, history: list[di
     return result
 
 
+# settings a resumed run may change: they move the run, not its result
+RESUME_MAY_CHANGE = ("name", "out", "device", "data_dir", "expect_max_errors")
+
+
+def read_resume_state(cfg: Config) -> dict:
+    """The training state in <run_dir>/resume.pt, checked against this run's config."""
+    path = runs.checkpoint_path(cfg.run_dir, runs.RESUME)
+    payload = runs.read_checkpoint(path)
+    state = payload.get("train_state")
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise runs.RunError(f"{path}: holds no training state")
+    saved, now = payload.get("config") or {}, cfg.to_dict()
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if changed:
+        k = changed[0]
+        raise runs.RunError(f"{path} was saved with {k} = {saved[k]!r}, this run has {now[k]!r}: resume with "
+                            "the interrupted run's settings, or start over with --force")
+    return state
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """A fresh start (--force) drops an earlier attempt's training state. An earlier
+    finished model.pt and result.json stay until this run's pair replaces them,
+    so a run that fails or is interrupted never costs the finished result."""
+    (run_dir / runs.RESUME).unlink(missing_ok=True)
+
+
 def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: bool = False,
                  command_line: str | None = None) -> dict:
-    """Load data, build the transfer set, train, evaluate and write the run directory."""
+    """Load data, build the transfer set, train, evaluate and write the run directory.
+
+    Nothing in the run directory changes until the config, data and teacher
+    have been checked. resume.pt is rewritten after every epoch; model.pt and
+    result.json appear together at the end.
+    """
     started = time.perf_counter()
-    device = pick_device(cfg.device)
     run_dir = cfg.run_dir
+    command_line = command_line or shlex.join(["kdcli", *sys.argv[1:]])
+    state = read_resume_state(cfg) if resume else None
+    if state is not None:  # wall time counts the earlier sessions' epochs too
+        started -= sum(r.get("seconds", 0) for r in state["history"])
+    device = pick_device(cfg.device)
+    log.info("device %s, run directory %s", device, run_dir)
     data = load_dataset(cfg, device)
     transfer = build_transfer_set(cfg, data, device)
+    log.info("transfer set of %d images; %d validation, %d test", len(transfer.images), len(data.val_x), len(data.test_x))
     model = build_model(arch_from_config(cfg), seeds=member_seeds(cfg.seed, cfg.members)).to(device)
     hooks = hooks or Hooks()
-    state = None
-    if resume:
-        state = runs.read_checkpoint(runs.checkpoint_path(run_dir, runs.RESUME))
-        state = state.get("train_state")
+    with runs.recording_status(run_dir, command, command_line, (state or {}).get("epoch", 0)) as progress:
         if state is None:
-            raise runs.RunError(f"{run_dir / runs.RESUME}: holds no training state")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # metrics.jsonl restarts from what the resumable state knows, so an
-    # epoch logged just before an interrupt is not logged twice
-    (run_dir / runs.METRICS).unlink(missing_ok=True)
-    for record in (state or {}).get("history", []):
-        runs.append_metrics(run_dir, record)
-    runs.write_config(cfg, run_dir)
-    if hooks.save_state is None:
-        hooks.save_state = lambda s: runs.save_checkpoint(run_dir / runs.RESUME, model, cfg.to_dict(), {"train_state": s})
-    user_on_epoch = hooks.on_epoch
+            clear_run_dir(run_dir)
+        runs.rewrite_metrics(run_dir, (state or {}).get("history", []))
+        runs.write_config(cfg, run_dir)
+        if hooks.save_state is None:
+            def save_state(s: dict) -> None:
+                runs.save_checkpoint(run_dir / runs.RESUME, model, cfg.to_dict(), {"train_state": s})
+                progress["saved_epoch"] = s["epoch"]
+                log.debug("saved %s after epoch %d", run_dir / runs.RESUME, s["epoch"])
 
-    def on_epoch(record: dict) -> None:
-        runs.append_metrics(run_dir, record)
-        user_on_epoch(record)
+            hooks.save_state = save_state
+        user_on_epoch = hooks.on_epoch
 
-    hooks.on_epoch = on_epoch
-    history = fit(model, transfer, cfg, make_evaluator(data, ensemble=cfg.members > 1), hooks, state)
+        def on_epoch(record: dict) -> None:
+            runs.append_metrics(run_dir, record)
+            user_on_epoch(record)
+
+        hooks.on_epoch = on_epoch
+        history = fit(model, transfer, cfg, make_evaluator(data, ensemble=cfg.members > 1), hooks, state)
+        result = finish_run(cfg, command, command_line, model, data, transfer, history, device, started)
+    return result
+
+
+def finish_run(cfg: Config, command: str, command_line: str, model: StackedMLP, data: Dataset,
+               transfer: TransferSet, history: list[dict], device: torch.device, started: float) -> dict:
+    run_dir = cfg.run_dir
     train_seconds = sum(r["seconds"] for r in history)
     result = final_result(cfg, model, data, history, command)
     result.update({
@@ -388,10 +462,11 @@ def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: 
         "device": str(device),
         "seed": cfg.seed,
         "torch_version": torch.__version__,
-        "command_line": command_line or shlex.join(["kdcli", *sys.argv[1:]]),
+        "command_line": command_line,
         "config": cfg.to_dict(),
     })
-    runs.save_checkpoint(run_dir / runs.CHECKPOINT, model, cfg.to_dict())
-    runs.write_json(run_dir / runs.RESULT, result)
+    # both written before either is renamed in: a full disk leaves the old pair
+    runs.atomic_write_all([(run_dir / runs.CHECKPOINT, runs.checkpoint_writer(model, cfg.to_dict())),
+                           (run_dir / runs.RESULT, runs.json_writer(result))])
     (run_dir / runs.RESUME).unlink(missing_ok=True)
     return result

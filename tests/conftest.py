@@ -1,6 +1,7 @@
 """Shared fixtures: real MNIST when ../shared/data is there, else a small generated IDX set."""
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# Tiny test models gain nothing from a second thread, and one thread per test
+# process keeps the suite from thrashing a 2-core machine (subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
