@@ -203,9 +203,10 @@ def describe_plan(cfg: Config, command: str, resume: bool, force: bool) -> str:
         where = f"train into [cyan]{cfg.run_dir}[/]"
     shape = "-".join(map(str, [784, *cfg.hidden, 10]))
     models = f"{cfg.members} × {shape}" if cfg.members > 1 else shape
-    teacher = f", soft targets of {cfg.teacher} at T={cfg.temperatures or cfg.temperature:g}" if cfg.teacher and not cfg.temperatures else ""
-    if cfg.teacher and cfg.temperatures:
-        teacher = f", soft targets of {cfg.teacher} at T={cfg.temperatures}"
+    teacher = ""
+    if cfg.teacher:
+        temperature = ",".join(f"{t:g}" for t in cfg.temperatures) if cfg.temperatures else f"{cfg.temperature:g}"
+        teacher = f", soft targets of {cfg.teacher} at T={temperature}, α={cfg.alpha:g}"
     return (f"[bold]{command}[/] would {where}: {models} for {cfg.epochs} epochs on {cfg.dataset}{teacher}, "
             f"seed {cfg.seed}, device {cfg.device}; resolved config:")
 

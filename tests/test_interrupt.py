@@ -44,15 +44,28 @@ def weights(path):
 
 SLOW = {"hidden": [32], "epochs": 20, "batch_size": 50, "train_limit": 600, "jitter": 0, "dropout_input": 0.0,
         "dropout_hidden": 0.0, "max_norm": None, "device": "cpu"}
+# the real CLI, with a pause after each epoch's save, so that on any machine
+# the signal arrives while the run still has epochs to go
+PAUSING_CLI = """
+import time
+import kdcli.runs as runs
+save = runs.save_checkpoint
+def save_then_pause(*args, **kwargs):
+    save(*args, **kwargs)
+    time.sleep(0.3)
+runs.save_checkpoint = save_then_pause
+from kdcli.cli import main
+main()
+"""
 
 
 def interrupt_a_real_run(tmp_path, synthetic_dir, signum):
-    """Start `python -m kdcli train-teacher`, send `signum` once an epoch is saved; (returncode, stderr, run_dir)."""
+    """Start `kdcli train-teacher` in a process, send `signum` once an epoch is saved; (returncode, stderr, run_dir)."""
     experiment = tmp_path / "slow.yaml"
     experiment.write_text(json.dumps({**SLOW, "data_dir": str(synthetic_dir)}))  # JSON is YAML
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "KDCLI_DATA_DIR"}
-    process = subprocess.Popen([sys.executable, "-m", "kdcli", "train-teacher", "-c", str(experiment), "--out", str(run_dir)],
+    process = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, "train-teacher", "-c", str(experiment), "--out", str(run_dir)],
                                cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
