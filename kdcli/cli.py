@@ -203,6 +203,9 @@ def describe_plan(cfg: Config, command: str, resume: bool, force: bool) -> str:
         where = f"train into [cyan]{cfg.run_dir}[/]"
     shape = "-".join(map(str, [784, *cfg.hidden, 10]))
     models = f"{cfg.members} × {shape}" if cfg.members > 1 else shape
+    if command == "train-specialists":  # their shape comes from the generalist, their number from the clusters
+        clusters = cfg.clusters if cfg.clusters is not None else f"K = {cfg.n_clusters} by k-means"
+        models = f"specialists ({clusters}) of the generalist {cfg.generalist}"
     teacher = ""
     if cfg.teacher:
         temperature = ",".join(f"{t:g}" for t in cfg.temperatures) if cfg.temperatures else f"{cfg.temperature:g}"
@@ -221,8 +224,10 @@ def check_teacher(cfg: Config, needed: bool) -> None:
             runs.checkpoint_path(path.strip())  # a directory without a model fails here, before any work
 
 
-def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run: bool, verbose: bool) -> dict | None:
-    """What every training command does once its config is resolved; the result, or None on a dry run."""
+def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run: bool, verbose: bool,
+                  trainer=None, printer=None) -> dict | None:
+    """What every training command does once its config is resolved; the result, or None on a dry run.
+    trainer and printer default to train.run_training and report.print_result."""
     from .report import print_result
     from .train import run_training
 
@@ -235,7 +240,7 @@ def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run:
     command_line = shlex.join(["kdcli", *sys.argv[1:]])
     try:
         with training_progress(cfg) as hooks:
-            result = run_training(cfg, command, hooks, resume=resume, command_line=command_line)
+            result = (trainer or run_training)(cfg, command, hooks, resume=resume, command_line=command_line)
     except KeyboardInterrupt:
         if (cfg.run_dir / runs.RESUME).is_file():
             err.print(f"interrupted: the last finished epoch is saved in {cfg.run_dir / runs.RESUME}; "
@@ -252,7 +257,7 @@ def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run:
                 else "no epoch had finished, so nothing was kept")
         err.print(f"[bold red]error:[/] {problem}: {hint}; {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
-    print_result(result, out)
+    (printer or print_result)(result, out)
     out.print(f"run directory: [cyan]{cfg.run_dir}[/]")
     check_expectation(cfg, result)
     return result
@@ -367,6 +372,41 @@ def train_ensemble(
                       seed=seed, device=device, data_dir=data_dir, out=out_dir, name=name, hidden=hidden,
                       dataset=dataset)
         train_command("train-ensemble", cfg, resume, force, dry_run, verbose)
+
+
+@app.command("train-specialists")
+def train_specialists(
+    config: ConfigOpt = None,
+    generalist: Annotated[Optional[str], typer.Option(
+        "--generalist", help="Run directory of the generalist (a kdcli train-teacher run on the same dataset).")] = None,
+    n_clusters: Annotated[Optional[int], typer.Option(
+        "--clusters", "--n-clusters", help="K: group the classes by k-means into K specialists' clusters "
+        "(instead of clusters listed in the experiment file).")] = None,
+    epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
+    resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
+):
+    """Train specialists on the classes a generalist confuses; combine them with it by the paper's KL rule (§5).
+
+    Example: [bold]kdcli train-specialists -c experiments/specialists-fashion.yaml --generalist runs/generalist-fashion[/]
+    """
+    from . import specialists
+    from .config import validate
+
+    with user_errors():
+        cfg = resolve(config, "specialists-fashion.yaml", generalist=generalist, epochs=epochs, batch_size=batch_size,
+                      lr=lr, seed=seed, device=device, data_dir=data_dir, out=out_dir, name=name)
+        if n_clusters is not None:  # the flag wins over clusters listed in the file
+            cfg = dataclasses.replace(cfg, n_clusters=n_clusters, clusters=None)
+            validate(cfg)
+        specialists.check_config(cfg)
+        if not dry_run:
+            check_run_dir(cfg, resume, force)
+            setup_logging(verbose)
+            cfg = specialists.resolve_clusters(cfg)
+            specialists.print_clusters(cfg, out)
+        train_command("train-specialists", cfg, resume, force, dry_run, verbose,
+                      trainer=specialists.run_specialists, printer=specialists.print_result)
 
 
 @app.command("sweep")
@@ -484,6 +524,7 @@ def evaluate_run(
     Example: [bold]kdcli eval runs/teacher --json teacher-eval.json[/]
     (with a bias correction: [bold]kdcli eval runs/omit-3 --bias-shift 3=+3.5[/])
     """
+    from . import specialists
     from .omit import parse_bias_shifts
     from .report import evaluate_checkpoint, print_eval
 
@@ -492,8 +533,14 @@ def evaluate_run(
         if combine not in ("mean_probs", "mean_logits"):
             raise UsageProblem(f"--combine must be mean_probs or mean_logits, got '{combine}'")
         shifts = parse_bias_shifts(bias_shift) if bias_shift else None
-        result = evaluate_checkpoint(run, data_dir=data_dir, device=device, combine=combine, bias_shifts=shifts)
-        print_eval(result, out)
+        if specialists.is_specialists_run(run):  # generalist alone vs generalist + specialists
+            if shifts:
+                raise UsageProblem("--bias-shift does not apply to a specialists run")
+            result = specialists.evaluate_run(run, data_dir=data_dir, device=device)
+            specialists.print_eval(result, out)
+        else:
+            result = evaluate_checkpoint(run, data_dir=data_dir, device=device, combine=combine, bias_shifts=shifts)
+            print_eval(result, out)
         if shifts:
             out.print("bias shifts: " + ", ".join(f"{d}={v:+g}" for d, v in shifts.items()))
         if json_out:

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 DATASETS = ("mnist", "fashion-mnist")
+N_CLASSES = 10
 CHOICES = {
     "dataset": DATASETS,
     "optimizer": ("sgd", "adam", "adamw"),
@@ -76,6 +77,14 @@ class Config:
     temperatures: list[float] | None = None  # one per member: a temperature sweep
     alpha: float = 1.0  # weight of the soft term; 1 = soft targets only
     combine: str = "mean_probs"  # how an ensemble teacher's members are combined
+
+    # specialists (train-specialists; Hinton, Vinyals & Dean 2015 §5)
+    generalist: str | None = None  # run directory of the generalist the specialists start from
+    clusters: list[list[int]] | None = None  # each specialist's classes, by hand; else k-means (n_clusters)
+    n_clusters: int | None = None  # K clusters by k-means on the generalist's validation covariance
+    cluster_overlap: float | None = None  # a class also joins clusters it correlates with >= this on average
+    top_k: int = 1  # inference: specialists whose cluster meets the generalist's top_k classes speak (paper: 1)
+    combine_steps: int = 200  # inference: gradient steps on the combined distribution's logits
 
     # run
     seed: int = 1
@@ -229,8 +238,10 @@ def _describe(hint) -> str:
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         return f"{_describe(inner[0])} or null"
     if origin is list:
-        item = _describe(typing.get_args(hint)[0]).split(" ", 1)[-1]
-        return f"a list of {item}s"
+        item = _describe(typing.get_args(hint)[0])
+        if item.startswith("a list of "):  # clusters: [[0, 2, 4, 6], [5, 7, 9]]
+            return "a list of lists of " + item[len("a list of "):]
+        return f"a list of {item.split(' ', 1)[-1]}s"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
@@ -276,8 +287,40 @@ def validate(cfg: Config) -> None:
     need(cfg.temperatures is None or cfg.members in (1, len(cfg.temperatures)),
          f"'members' ({cfg.members}) must equal the number of 'temperatures' ({len(cfg.temperatures or [])})")
     need(_valid_device(cfg.device), f"'device' must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'")
+    problems += cluster_problems(cfg)
+    need(cfg.cluster_overlap is None or -1 <= cfg.cluster_overlap <= 1,
+         f"'cluster_overlap' is a correlation: it must be in [-1, 1] or null, got {cfg.cluster_overlap}")
+    need(1 <= cfg.top_k <= N_CLASSES, f"'top_k' must be between 1 and {N_CLASSES}, got {cfg.top_k}")
+    need(cfg.combine_steps >= 1, f"'combine_steps' must be at least 1, got {cfg.combine_steps}")
     if problems:
         raise ConfigError(problems[0])
+
+
+def cluster_problems(cfg: Config) -> list[str]:
+    """Specialists' clusters: classes in range, no empty cluster, K no larger than the number of classes.
+    Overlapping clusters, and classes in no cluster, are allowed (paper §5)."""
+    k = cfg.n_clusters
+    if k is not None and not 1 <= k <= N_CLASSES:
+        why = f"is larger than the number of classes ({N_CLASSES})" if k > N_CLASSES else "must be at least 1"
+        return [f"'n_clusters' (K = {k}) {why}"]
+    if cfg.clusters is None:
+        return []
+    if not cfg.clusters:
+        return ["'clusters' must list at least one cluster of classes, e.g. [[0, 2, 4, 6], [5, 7, 9]]"]
+    for i, cluster in enumerate(cfg.clusters):
+        if not cluster:
+            return [f"'clusters': cluster {i} is empty; every cluster needs at least one class"]
+        bad = [c for c in cluster if not 0 <= c < N_CLASSES]
+        if bad:
+            return [f"'clusters': class {bad[0]} in cluster {i} is out of range 0-{N_CLASSES - 1}"]
+        if len(set(cluster)) < len(cluster):
+            twice = next(c for c in cluster if cluster.count(c) > 1)
+            return [f"'clusters': class {twice} appears twice in cluster {i}"]
+    if len(cfg.clusters) > N_CLASSES:
+        return [f"'clusters' lists {len(cfg.clusters)} clusters, more than the number of classes ({N_CLASSES})"]
+    if k is not None and k != len(cfg.clusters):
+        return [f"'n_clusters' ({k}) differs from the number of 'clusters' given ({len(cfg.clusters)}): give one or the other"]
+    return []
 
 
 def _valid_device(name: str) -> bool:

@@ -289,6 +289,78 @@ def omit_rows(results: dict[str, dict]) -> list[dict]:
 
 ROW_PROVIDERS.insert(0, omit_rows)
 
+# §5 on JFT (15,000 classes): kdcli's specialists rows are the analogue on 10 classes
+SPECIALIST_PAPER = {
+    "generalist": "JFT baseline: 25.0% top-1 accuracy",
+    "combined": "JFT + 61 specialists: 26.1% top-1",
+    "relative": "accuracy +4.4%, errors −1.5% (JFT: 75.0% → 73.9% error)",
+    "coverage": "gain grows with the number of specialists covering a class (JFT, Table 4)",
+    "timing": "specialists train independently, in parallel (JFT)",
+}
+
+
+def specialist_rows(results: dict[str, dict]) -> list[dict]:
+    """§5 analogue: generalist alone vs generalist + specialists (KL rule), the
+    Table 4 analogue, and the time of training the specialists together."""
+    rows = []
+    for stem, dataset in (("specialists-fashion", "Fashion-MNIST"), ("specialists-mnist", "MNIST")):
+        found = [r for r in seed_runs(results, stem) if "specialists" in r]
+        if not found:
+            continue
+        sections = [r["specialists"] for r in found]
+        k = sorted({len(s["clusters"]) for s in sections})
+        common = {"seeds": len(found), "config": config_of(found[0]), "command": found[0].get("command_line", "")}
+
+        def row(label: str, paper: str, kdcli: str, values: list, wall: bool = False) -> dict:
+            return {"experiment": f"{dataset} (analogue of §5 on JFT): {label}", "paper": paper, "kdcli": kdcli,
+                    "values": values, **common,
+                    "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1) if wall else 0}
+
+        def accuracy(key: str) -> str:
+            values = [100 * s["test"][key]["accuracy"] for s in sections]
+            return f"{sum(values) / len(values):.2f}% top-1"
+
+        generalist = [s["test"]["generalist"]["errors_per_10k"] for s in sections]
+        combined = [s["test"]["combined"]["errors_per_10k"] for s in sections]
+        rows.append(row("generalist alone, test errors", SPECIALIST_PAPER["generalist"],
+                        f"{spread(generalist)} ({accuracy('generalist')})", generalist))
+        rows.append(row(f"generalist + {'/'.join(map(str, k))} specialists, KL combination", SPECIALIST_PAPER["combined"],
+                        f"{spread(combined)} ({accuracy('combined')})", combined, wall=True))
+        def mean_range(values: list[float]) -> str:
+            shown = f"{sum(values) / len(values):+.2f}%"
+            return shown + (f" [{min(values):+.2f}–{max(values):+.2f}]" if len(values) > 1 else "")
+
+        relative = [100 * s["test"]["relative_accuracy_change"] for s in sections]
+        errors = [100 * s["test"]["relative_error_change"] for s in sections if s["test"]["relative_error_change"] is not None]
+        shown = f"accuracy {mean_range(relative)}" + (f", errors {mean_range(errors)}" if errors else "")
+        rows.append(row("relative change of accuracy and of errors", SPECIALIST_PAPER["relative"], shown, relative))
+        pooled: dict[int, list[int]] = {}  # specialists covering -> [images, Δ correct, generalist correct]
+        for s in sections:
+            for b in s["test"]["by_coverage"]:
+                total = pooled.setdefault(b["n_specialists"], [0, 0, 0])
+                for i, key in enumerate(("n_examples", "delta_correct", "generalist_correct")):
+                    total[i] += b[key]
+        coverage = "; ".join(f"{c}: {d:+d} of {n:,} images ({d / g:+.2%})" if g else f"{c}: {d:+d} of {n:,}"
+                             for c, (n, d, g) in sorted(pooled.items()))
+        rows.append(row("by specialists covering the true class (Table 4 analogue, seeds pooled)",
+                        SPECIALIST_PAPER["coverage"], coverage, []))
+        timing = [s["timing"] for s in sections if s.get("timing")]
+        if timing:
+            together = sum(t["together_s"] for t in timing) / len(timing)
+            sequential = sum(t["sequential_s"] for t in timing) / len(timing)
+            shown = f"{together:.2f} s vs {sequential:.2f} s ({sequential / together:.2f}x)"
+            runs_together = [t["run_together_s"] for t in timing if "run_together_s" in t]
+            estimates = [t["run_sequential_estimate_s"] for t in timing if "run_sequential_estimate_s" in t]
+            if runs_together and estimates:
+                shown += (f"; whole run {sum(runs_together) / len(runs_together):.0f} s together, "
+                          f"≈ {sum(estimates) / len(estimates):.0f} s one after another")
+            rows.append(row(f"time of {timing[0]['steps']} training steps, all specialists together vs one after "
+                            f"another ({timing[0]['device']})", SPECIALIST_PAPER["timing"], shown, []))
+    return rows
+
+
+ROW_PROVIDERS.append(specialist_rows)
+
 
 def tsweep_table(results: dict[str, dict]) -> dict[str, dict[float, int]]:
     """{width: {T: test errors}} from runs named tsweep-<width>."""

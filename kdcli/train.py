@@ -65,6 +65,26 @@ class TransferSet:
     labels: torch.Tensor  # (n,)
     soft_targets: torch.Tensor | None = None
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Per-member sampling (specialists, kdcli/specialists.py): member_epoch(k, generator) is
+    # member k's epoch as epoch_size indices into images. None: every member sees a
+    # permutation of all images. labels may then be (members, n): one labelling per member.
+    member_epoch: Callable[[int, torch.Generator], torch.Tensor] | None = None
+    epoch_size: int = 0
+
+    def epoch_length(self) -> int:
+        return self.epoch_size if self.member_epoch is not None else len(self.images)
+
+    def epoch_order(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """(members, epoch_length) indices: each member's order for one epoch, drawn from its own generator."""
+        if self.member_epoch is None:
+            return torch.stack([torch.randperm(len(self.images), generator=g) for g in generators])
+        return torch.stack([self.member_epoch(k, g) for k, g in enumerate(generators)])
+
+    def labels_for(self, idx: torch.Tensor) -> torch.Tensor:
+        """Hard labels for a batch idx (members, b): shared (n,) labels, or each member's own row of (members, n)."""
+        if self.labels.dim() == 1:
+            return self.labels[idx]
+        return self.labels[torch.arange(idx.shape[0], device=idx.device)[:, None], idx]
 
     def targets_for(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Soft targets for a batch: idx (members, b), x (members, b, 784) -> (members, b, classes)."""
@@ -134,7 +154,7 @@ def fit(
     """
     hooks = hooks or Hooks()
     device = transfer.images.device
-    members, n, batch = model.members, len(transfer.images), cfg.batch_size
+    members, n, batch = model.members, transfer.epoch_length(), cfg.batch_size
     steps = math.ceil(n / batch)
     temperature = temperature_tensor(cfg, device)
     optimizer = make_optimizer(model, cfg, device)
@@ -154,7 +174,7 @@ def fit(
     hooks.on_start(start_epoch, cfg.epochs, steps)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = torch.stack([torch.randperm(n, generator=g) for g in order_rngs]).to(device)  # (members, n)
+        order = transfer.epoch_order(order_rngs).to(device)  # (members, n)
         step_losses = torch.zeros(steps, device=device)
         started = time.perf_counter()
         for step in range(steps):
@@ -163,7 +183,7 @@ def fit(
             if cfg.jitter:
                 images = jitter(images, cfg.jitter, jitter_rng)
             x = images.flatten(-2)
-            loss = distillation_loss(model(x), transfer.targets_for(idx, x), transfer.labels[idx], temperature, cfg.alpha)
+            loss = distillation_loss(model(x), transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -337,6 +357,27 @@ def build_transfer_set(cfg: Config, data: Dataset, device: torch.device) -> Tran
 
 # --- a whole run ------------------------------------------------------------
 
+@dataclass
+class Recipe:
+    """What a run trains and how its result is read, built once the data is
+    loaded and before anything in the run directory changes. `standard_recipe`
+    serves every command but train-specialists, which brings its own
+    (kdcli/specialists.py): same loop, same run directory, other model and batches."""
+
+    model: StackedMLP
+    transfer: TransferSet
+    evaluate: Callable[[StackedMLP], dict]  # per-epoch metrics (val_errors drives early stopping)
+    result: Callable[[StackedMLP, list[dict]], dict]  # result.json's command-specific part
+    checkpoint_extra: dict = field(default_factory=dict)  # saved in model.pt beside the weights
+
+
+def standard_recipe(cfg: Config, data: Dataset, device: torch.device, command: str) -> Recipe:
+    transfer = build_transfer_set(cfg, data, device)
+    model = build_model(arch_from_config(cfg), seeds=member_seeds(cfg.seed, cfg.members)).to(device)
+    return Recipe(model, transfer, make_evaluator(data, ensemble=cfg.members > 1),
+                  lambda trained, history: final_result(cfg, trained, data, history, command))
+
+
 def make_evaluator(data: Dataset, ensemble: bool) -> Callable[[StackedMLP], dict]:
     def evaluate(model: StackedMLP) -> dict:
         out = {}
@@ -403,12 +444,14 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: bool = False,
-                 command_line: str | None = None) -> dict:
+                 command_line: str | None = None,
+                 recipe: Callable[[Config, Dataset, torch.device, str], Recipe] | None = None) -> dict:
     """Load data, build the transfer set, train, evaluate and write the run directory.
 
     Nothing in the run directory changes until the config, data and teacher
     have been checked. resume.pt is rewritten after every epoch; model.pt and
-    result.json appear together at the end.
+    result.json appear together at the end. `recipe` builds what is trained
+    (default: `standard_recipe`; train-specialists passes its own).
     """
     started = time.perf_counter()
     run_dir = cfg.run_dir
@@ -419,9 +462,9 @@ def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: 
     device = pick_device(cfg.device)
     log.info("device %s, run directory %s", device, run_dir)
     data = load_dataset(cfg, device)
-    transfer = build_transfer_set(cfg, data, device)
+    plan = (recipe or standard_recipe)(cfg, data, device, command)
+    model, transfer = plan.model, plan.transfer
     log.info("transfer set of %d images; %d validation, %d test", len(transfer.images), len(data.val_x), len(data.test_x))
-    model = build_model(arch_from_config(cfg), seeds=member_seeds(cfg.seed, cfg.members)).to(device)
     hooks = hooks or Hooks()
     with runs.recording_status(run_dir, command, command_line, (state or {}).get("epoch", 0)) as progress:
         if state is None:
@@ -442,23 +485,24 @@ def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: 
             user_on_epoch(record)
 
         hooks.on_epoch = on_epoch
-        history = fit(model, transfer, cfg, make_evaluator(data, ensemble=cfg.members > 1), hooks, state)
-        result = finish_run(cfg, command, command_line, model, data, transfer, history, device, started)
+        history = fit(model, transfer, cfg, plan.evaluate, hooks, state)
+        result = finish_run(cfg, command, command_line, plan, history, device, started)
     return result
 
 
-def finish_run(cfg: Config, command: str, command_line: str, model: StackedMLP, data: Dataset,
-               transfer: TransferSet, history: list[dict], device: torch.device, started: float) -> dict:
+def finish_run(cfg: Config, command: str, command_line: str, plan: Recipe, history: list[dict],
+               device: torch.device, started: float) -> dict:
     run_dir = cfg.run_dir
+    model, transfer = plan.model, plan.transfer
     train_seconds = sum(r["seconds"] for r in history)
-    result = final_result(cfg, model, data, history, command)
+    result = plan.result(model, history)
     result.update({
         "n_transfer": len(transfer.images),
         "epochs": cfg.epochs,
         "best_epoch": history[-1].get("best_epoch"),
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "samples_per_s": round(cfg.members * len(transfer.images) * len(history) / max(train_seconds, 1e-9), 1),
+        "samples_per_s": round(model.members * transfer.epoch_length() * len(history) / max(train_seconds, 1e-9), 1),
         "device": str(device),
         "seed": cfg.seed,
         "torch_version": torch.__version__,
@@ -466,7 +510,7 @@ def finish_run(cfg: Config, command: str, command_line: str, model: StackedMLP, 
         "config": cfg.to_dict(),
     })
     # both written before either is renamed in: a full disk leaves the old pair
-    runs.atomic_write_all([(run_dir / runs.CHECKPOINT, runs.checkpoint_writer(model, cfg.to_dict())),
+    runs.atomic_write_all([(run_dir / runs.CHECKPOINT, runs.checkpoint_writer(model, cfg.to_dict(), plan.checkpoint_extra)),
                            (run_dir / runs.RESULT, runs.json_writer(result))])
     (run_dir / runs.RESUME).unlink(missing_ok=True)
     return result

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
 # Tiny test models gain nothing from a second thread, and one thread per test
@@ -14,6 +15,23 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 SHARED_DATA = REPO.parent / "shared" / "data"
+RUNNER = CliRunner()
+
+
+def kdcli(*args):
+    """Run the real CLI in-process; arguments may be paths or numbers."""
+    from kdcli.cli import app
+
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code=2):
+    """Assert a failure the way users must see it: the exit code, one stderr line, no traceback."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
 
 
 def write_idx(path: Path, array: torch.Tensor, compress: bool = True) -> Path:

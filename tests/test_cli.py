@@ -3,24 +3,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 import kdcli.train as train_module
-from kdcli.cli import app
-
-runner = CliRunner()
-
-
-def kdcli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code=2):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
+from conftest import kdcli, one_line_error
 
 
 @pytest.fixture(scope="module")

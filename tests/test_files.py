@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_idx
+from conftest import one_line_error, write_idx
 from kdcli import runs
 from kdcli.cli import app
 from kdcli.config import make_config
@@ -24,14 +24,6 @@ runner = CliRunner()
 def tiny_config(synthetic_dir, out, **extra):
     values = dict(data_dir=str(synthetic_dir), hidden=[8], epochs=2, batch_size=100, device="cpu", out=str(out))
     return make_config({**values, **extra})
-
-
-def one_line_error(result, code=2):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def file_bytes(folder):

@@ -15,25 +15,13 @@ import torch
 from typer.testing import CliRunner
 
 import kdcli.train as train_module
-from conftest import REPO
+from conftest import one_line_error, kdcli, REPO
 from kdcli import runs
 from kdcli.cli import app
 from kdcli.config import make_config
 from kdcli.train import Hooks, run_training
 
 runner = CliRunner()
-
-
-def kdcli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def weights(path):

@@ -4,31 +4,14 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import kdcli.train as train_module
-from conftest import REPO
-from kdcli.cli import app
+from conftest import one_line_error, kdcli, REPO
 from kdcli.config import ConfigError
 from kdcli.evaluate import predict, shift_biases, summarize
 from kdcli.models import StackedMLP
 from kdcli.omit import (best_shift, bias_correction, digit_overrides, errors_along, fit_shift, parse_bias_shifts,
                         shift_grid)
-
-runner = CliRunner()
-
-
-def kdcli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code=2):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
 
 # --- bias shifts -----------------------------------------------------------------
 

@@ -27,7 +27,7 @@ def test_seeded_runs_repeat_exactly(synthetic_dir, tmp_path):
     assert a["test"] == b["test"]
     wa, wb = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    c = run_training(config(synthetic_dir, tmp_path / "c", seed=2, **kw), "train-teacher")
+    run_training(config(synthetic_dir, tmp_path / "c", seed=2, **kw), "train-teacher")
     wc = weights(tmp_path / "c" / "run")
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
