@@ -8,14 +8,6 @@ import kdcli.train as train_module
 from conftest import kdcli, one_line_error
 
 
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    result = kdcli("train-teacher", "-c", "experiments/smoke/teacher.yaml", "--data-dir", data_dir, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_train_teacher_writes_the_run_directory(teacher_run):
     for name in ("config.yaml", "model.pt", "metrics.jsonl", "result.json"):
         assert (teacher_run / name).is_file()

@@ -132,14 +132,6 @@ def test_digit_flags_become_config_overrides():
 
 # --- the command end to end on the smoke experiments -----------------------------------
 
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    result = kdcli("train-teacher", "-c", "experiments/smoke/teacher.yaml", "--data-dir", data_dir, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
-
-
 @pytest.fixture
 def transfer_spy(monkeypatch):
     """What run_training really trains on: (transfer set labels, training labels before filtering)."""
