@@ -51,6 +51,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx] for a batch of row indices, via index_select: on CPU about twice as
+    fast as advanced indexing, which was a quarter of a stacked 30-30 step."""
+    return table.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *table.shape[1:])
+
+
 @dataclass
 class TransferSet:
     """What a student learns from: images, labels and (optionally) the teacher.
@@ -98,8 +104,8 @@ class TransferSet:
         else:
             return None
         if table.shape[0] == 1:
-            return table[0][idx]
-        return table[torch.arange(idx.shape[0], device=idx.device)[:, None], idx]
+            return gather_rows(table[0], idx)
+        return gather_rows(table.flatten(0, 1), idx + table.shape[1] * torch.arange(idx.shape[0], device=idx.device)[:, None])
 
 
 @dataclass
@@ -179,7 +185,7 @@ def fit(
         started = time.perf_counter()
         for step in range(steps):
             idx = order[:, step * batch : (step + 1) * batch]  # (members, b)
-            images = transfer.images[idx]  # (members, b, 28, 28)
+            images = gather_rows(transfer.images, idx)  # (members, b, 28, 28)
             if cfg.jitter:
                 images = jitter(images, cfg.jitter, jitter_rng)
             x = images.flatten(-2)
