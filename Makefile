@@ -12,7 +12,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export KDCLI_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: install test smoke bench paper teacher student distill tsweep data3pct report clean ensembles
+.PHONY: install test smoke bench bench-runs paper teacher student distill tsweep data3pct report clean ensembles
 
 # Paper reproduction: each run is a file target on its result.json, so an
 # interrupted `make paper` picks up where it stopped (an interrupted run resumes).
@@ -97,8 +97,21 @@ smoke:
 bench:
 	$(KDCLI) bench
 
+# Issue 4's comparison end to end, as a user runs it: one train-ensemble run of K = 10 nets against the
+# ten single runs it stands for (member k's seed is 1 + 1000k), each a whole kdcli process with its own
+# start-up, data loading and per-epoch evaluation. `kdcli bench --ensemble` times the training loop alone.
+BENCH_NET ?= 30,30
+BENCH_EPOCHS ?= 5
+bench-runs:
+	@/usr/bin/time -f "K = 10 together (one train-ensemble run), $(BENCH_NET): %e s" \
+	  $(KDCLI) train-ensemble -c $(EXP)/ensemble.yaml --hidden $(BENCH_NET) --epochs $(BENCH_EPOCHS) \
+	  --out $(RUNS)/bench-together --force > /dev/null 2>&1
+	@/usr/bin/time -f "K = 10 one after another (ten train-teacher runs), $(BENCH_NET): %e s" sh -c \
+	  'for k in 0 1 2 3 4 5 6 7 8 9; do $(KDCLI) train-teacher -c $(EXP)/ensemble-single.yaml --hidden $(BENCH_NET) \
+	  --epochs $(BENCH_EPOCHS) --seed $$((1 + 1000 * k)) --out $(RUNS)/bench-single-$$k --force > /dev/null 2>&1 || exit 1; done'
+
 clean:
-	rm -rf runs/smoke-*
+	rm -rf runs/smoke-* runs/bench-*
 
 # §3, digits missing from the transfer set: `make omit3`, `make only78` (SEEDS as above: the
 # students' seeds; every seed distils from the one teacher, which the experiment leaves unchanged).
