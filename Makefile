@@ -103,9 +103,9 @@ bench:
 BENCH_NET ?= 30,30
 BENCH_EPOCHS ?= 5
 bench-runs:
-	@/usr/bin/time -f "K = 10 together (one train-ensemble run), $(BENCH_NET): %e s" \
-	  $(KDCLI) train-ensemble -c $(EXP)/ensemble.yaml --hidden $(BENCH_NET) --epochs $(BENCH_EPOCHS) \
-	  --out $(RUNS)/bench-together --force > /dev/null 2>&1
+	@/usr/bin/time -f "K = 10 together (one train-ensemble run), $(BENCH_NET): %e s" sh -c \
+	  '$(KDCLI) train-ensemble -c $(EXP)/ensemble.yaml --hidden $(BENCH_NET) --epochs $(BENCH_EPOCHS) \
+	  --out $(RUNS)/bench-together --force > /dev/null 2>&1'
 	@/usr/bin/time -f "K = 10 one after another (ten train-teacher runs), $(BENCH_NET): %e s" sh -c \
 	  'for k in 0 1 2 3 4 5 6 7 8 9; do $(KDCLI) train-teacher -c $(EXP)/ensemble-single.yaml --hidden $(BENCH_NET) \
 	  --epochs $(BENCH_EPOCHS) --seed $$((1 + 1000 * k)) --out $(RUNS)/bench-single-$$k --force > /dev/null 2>&1 || exit 1; done'
