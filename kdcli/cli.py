@@ -517,12 +517,16 @@ def evaluate_run(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
     combine: Annotated[str, typer.Option("--combine", help="Ensembles: mean_probs or mean_logits.")] = "mean_probs",
     bias_shift: BiasShiftOpt = None,
+    against: Annotated[Optional[Path], typer.Option(
+        "--against", help="Another run (e.g. the teacher): also report top-1 agreement and KL with it, "
+        "on the training and test images.", show_default=False)] = None,
     verbose: VerboseOpt = False,
 ):
     """Evaluate a checkpoint on the test set: errors, accuracy, per-class errors.
 
     Example: [bold]kdcli eval runs/teacher --json teacher-eval.json[/]
-    (with a bias correction: [bold]kdcli eval runs/omit-3 --bias-shift 3=+3.5[/])
+    (with a bias correction: [bold]kdcli eval runs/omit-3 --bias-shift 3=+3.5[/];
+    how closely a student copies its teacher: [bold]kdcli eval runs/distill --against runs/teacher[/])
     """
     from . import specialists
     from .omit import parse_bias_shifts
@@ -534,12 +538,13 @@ def evaluate_run(
             raise UsageProblem(f"--combine must be mean_probs or mean_logits, got '{combine}'")
         shifts = parse_bias_shifts(bias_shift) if bias_shift else None
         if specialists.is_specialists_run(run):  # generalist alone vs generalist + specialists
-            if shifts:
-                raise UsageProblem("--bias-shift does not apply to a specialists run")
+            if shifts or against:
+                raise UsageProblem("--bias-shift and --against do not apply to a specialists run")
             result = specialists.evaluate_run(run, data_dir=data_dir, device=device)
             specialists.print_eval(result, out)
         else:
-            result = evaluate_checkpoint(run, data_dir=data_dir, device=device, combine=combine, bias_shifts=shifts)
+            result = evaluate_checkpoint(run, data_dir=data_dir, device=device, combine=combine, bias_shifts=shifts,
+                                         against=against)
             print_eval(result, out)
         if shifts:
             out.print("bias shifts: " + ", ".join(f"{d}={v:+g}" for d, v in shifts.items()))

@@ -2,6 +2,7 @@
 
     logits = predict(model, data.test_x)          # (members, n, 10)
     summary = summarize(combine_logits(logits), data.test_y)
+    fidelity = agreement(student_log_probs, teacher_log_probs)  # how closely a student copies its teacher
 """
 
 from __future__ import annotations
@@ -67,3 +68,13 @@ def shift_biases(log_probs_or_logits: torch.Tensor, shifts: dict[int, float]) ->
     for cls, delta in shifts.items():
         shifted[..., cls] += delta
     return shifted
+
+
+def agreement(log_probs: torch.Tensor, reference_log_probs: torch.Tensor) -> dict:
+    """How closely one model copies another on the same images: top-1 agreement
+    and KL(reference || model) at T = 1, the distillation "fidelity" measures."""
+    disagree = int((log_probs.argmax(-1) != reference_log_probs.argmax(-1)).sum())
+    n = len(log_probs)
+    kl = F.kl_div(log_probs, reference_log_probs, reduction="batchmean", log_target=True).item() if n else math.nan
+    return {"n_examples": n, "n_disagree": disagree, "agreement": round(1 - disagree / n, 6) if n else math.nan,
+            "kl_from_reference": round(kl, 6)}

@@ -14,17 +14,24 @@ from rich.table import Table
 from . import runs
 from .config import make_config
 from .data import load_dataset
-from .evaluate import combine_logits, predict, summarize
+from .evaluate import agreement, combine_logits, predict, summarize
 
 
 def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: str | None = None,
-                        combine: str = "mean_probs", bias_shifts: dict[int, float] | None = None) -> dict:
-    """Rebuild a model from its checkpoint alone and count its test errors."""
+                        combine: str = "mean_probs", bias_shifts: dict[int, float] | None = None,
+                        against: str | Path | None = None) -> dict:
+    """Rebuild a model from its checkpoint alone and count its test errors; with
+    `against` (another run, e.g. the teacher), also how closely it agrees with it."""
     from .evaluate import shift_biases
     from .train import pick_device
 
     model, payload = runs.load_model(run)
     saved = dict(payload.get("config") or {})
+    if against is not None:
+        reference, reference_payload = runs.load_model(against)
+        reference_dataset = (reference_payload.get("config") or {}).get("dataset", "mnist")
+        if reference_dataset != saved.get("dataset", "mnist"):
+            raise runs.RunError(f"{against} was trained on {reference_dataset}, {run} on {saved.get('dataset', 'mnist')}")
     cfg = make_config({
         "dataset": saved.get("dataset", "mnist"),
         "data_dir": data_dir if data_dir is not None else saved.get("data_dir"),
@@ -34,14 +41,24 @@ def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: st
     torch_device = pick_device(cfg.device)
     data = load_dataset(cfg, torch_device)
     model.to(torch_device)
-    member_logits = predict(model, data.test_x)
-    log_probs = combine_logits(member_logits, combine)
-    if bias_shifts:
+
+    def corrected(log_probs):
         # re-normalised so the NLL is the corrected model's; the argmax is the same
-        log_probs = shift_biases(log_probs, bias_shifts).log_softmax(-1)
+        return shift_biases(log_probs, bias_shifts).log_softmax(-1) if bias_shifts else log_probs
+
+    member_logits = predict(model, data.test_x)
+    log_probs = corrected(combine_logits(member_logits, combine))
     result = {"run": str(run), "dataset": cfg.dataset, "members": model.members, "combine": combine,
               "bias_shifts": {str(k): v for k, v in (bias_shifts or {}).items()},
               "test": summarize(log_probs, data.test_y)}
+    if against is not None:
+        reference.to(torch_device)
+        # the training images are the (unjittered) transfer set of a distilled run: agreement there is
+        # how well the student copied the teacher, agreement on test how well that copy generalises
+        result["agreement"] = {"reference": str(against), **{
+            split: agreement(corrected(combine_logits(predict(model, images), combine)),
+                             combine_logits(predict(reference, images), combine))
+            for split, images in (("test", data.test_x), ("train", data.train_x))}}
     if model.members > 1:
         result["member_test_errors"] = [int(summarize(combine_logits(member_logits[k:k + 1]), data.test_y)["n_errors"])
                                         for k in range(model.members)]
@@ -85,6 +102,15 @@ def print_eval(result: dict, console: Console) -> None:
     console.print(per_class_table(test["per_class_errors"], test["per_class_count"]))
     if "member_test_errors" in result:
         console.print(f"members' test errors: {result['member_test_errors']} (ensemble rule: {result['combine']})")
+    if "agreement" in result:
+        table = Table(title=f"agreement with {result['agreement']['reference']}")
+        for column in ("images", "count", "top-1 disagreements", "agreement", "KL(reference ‖ this)"):
+            table.add_column(column, justify="right")
+        for split in ("train", "test"):
+            a = result["agreement"][split]
+            table.add_row(split, str(a["n_examples"]), str(a["n_disagree"]), f"{a['agreement']:.2%}",
+                          f"{a['kl_from_reference']:.4f}")
+        console.print(table)
 
 
 
@@ -254,7 +280,10 @@ OMIT_PAPER = {
     ("only-7-8", "validation"): "13.2% error, −7.6 chosen on test",
     ("only-7-8", "test_optimised"): "13.2% error, −7.6",
 }
-OMIT_LABELS = {"omit-3": "digit 3 omitted from the transfer set", "only-7-8": "transfer set of only 7s and 8s"}
+OMIT_PAPER.update({("omit-3-jitter", protocol): f"{figure} (transfer set without jitter)"
+                   for (stem, protocol), figure in list(OMIT_PAPER.items()) if stem == "omit-3"})
+OMIT_LABELS = {"omit-3": "digit 3 omitted from the transfer set", "only-7-8": "transfer set of only 7s and 8s",
+               "omit-3-jitter": "beyond the paper: digit 3 omitted, jittered transfer set"}
 PROTOCOL_LABELS = {"none": "no bias correction", "validation": "bias shift fitted on validation (honest)",
                    "test_optimised": "bias shift fitted on test (paper's protocol)"}
 
@@ -268,7 +297,7 @@ def omit_rows(results: dict[str, dict]) -> list[dict]:
             continue
         for protocol, label in PROTOCOL_LABELS.items():
             ps = [r["bias_correction"]["protocols"][protocol] for r in found]
-            if stem == "omit-3":
+            if stem.startswith("omit-3"):
                 values = [p["errors_per_10k"] for p in ps]
                 threes = [p["omitted_n_errors"] for p in ps]
                 kdcli = f"{spread(values)} ({sum(threes) / len(threes):.0f} threes)"
@@ -288,6 +317,27 @@ def omit_rows(results: dict[str, dict]) -> list[dict]:
 
 
 ROW_PROVIDERS.insert(0, omit_rows)
+
+# `make jitter`: rows with a jittered (±2 px) transfer set, which the paper did not run; its figures for the
+# unjittered rows stand beside them for comparison.
+BEYOND_ROWS = [
+    ("distill-jitter", "beyond the paper: student distilled at T = 20, jittered transfer set", "74 without jitter"),
+    ("data3pct-hard-jitter", "beyond the paper: 3% of the data, hard labels, jittered", "—"),
+    ("data3pct-soft-jitter", "beyond the paper: 3%, soft targets, jittered transfer set", "—"),
+]
+
+
+def beyond_rows(results: dict[str, dict]) -> list[dict]:
+    rows = []
+    for stem, label, paper in BEYOND_ROWS:
+        found = seed_runs(results, stem)
+        if not found:
+            continue
+        values = [test_errors(r) for r in found]
+        rows.append({"experiment": label, "paper": paper, "kdcli": spread(values), "values": values,
+                     "seeds": len(found), "config": config_of(found[0]), "command": found[0].get("command_line", ""),
+                     "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)})
+    return rows
 
 # §5 on JFT (15,000 classes): kdcli's specialists rows are the analogue on 10 classes
 SPECIALIST_PAPER = {
@@ -360,6 +410,7 @@ def specialist_rows(results: dict[str, dict]) -> list[dict]:
 
 
 ROW_PROVIDERS.append(specialist_rows)
+ROW_PROVIDERS.append(beyond_rows)
 
 
 def tsweep_table(results: dict[str, dict]) -> dict[str, dict[float, int]]:

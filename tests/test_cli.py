@@ -36,6 +36,22 @@ def test_eval_prints_and_writes_json(teacher_run, data_dir, tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["test"]["n_errors"] == trained
 
 
+def test_eval_against_itself_agrees_everywhere(teacher_run, data_dir, tmp_path):
+    result = kdcli("eval", teacher_run, "--data-dir", data_dir, "--against", teacher_run, "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    assert "agreement with" in result.stdout
+    agreement = json.loads((tmp_path / "e.json").read_text())["agreement"]
+    for split in ("train", "test"):
+        assert agreement[split]["n_disagree"] == 0 and agreement[split]["agreement"] == 1.0
+        assert abs(agreement[split]["kl_from_reference"]) < 1e-5
+    assert agreement["train"]["n_examples"] > agreement["test"]["n_examples"] > 0
+
+
+def test_eval_against_a_missing_run_is_one_line(teacher_run, data_dir, tmp_path):
+    line = one_line_error(kdcli("eval", teacher_run, "--data-dir", data_dir, "--against", tmp_path / "nothing"))
+    assert "nothing" in line
+
+
 def test_train_ensemble_smoke(data_dir, tmp_path):
     out = tmp_path / "ens"
     result = kdcli("train-ensemble", "-c", "experiments/smoke/ensemble.yaml", "--data-dir", data_dir, "--out", out)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from kdcli.evaluate import agreement
 from kdcli.losses import distillation_loss, hard_loss, soft_loss, soft_targets
 
 
@@ -98,3 +99,12 @@ def test_ensemble_combination_rules_by_hand():
 def test_hard_loss_is_cross_entropy():
     z = torch.tensor([[math.log(3.0), 0.0]])
     assert torch.allclose(hard_loss(z, torch.tensor([0])), torch.tensor(-math.log(0.75)))
+
+
+def test_agreement_counts_disagreements_and_the_kl_from_the_reference():
+    reference = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    this = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]])
+    found = agreement(this.log(), reference.log())
+    assert found["n_disagree"] == 1 and found["agreement"] == 0.5 and found["n_examples"] == 2
+    by_hand = sum(sum(r * math.log(r / t) for r, t in zip(rr, tt)) for rr, tt in zip(reference.tolist(), this.tolist())) / 2
+    assert found["kl_from_reference"] == pytest.approx(by_hand, abs=1e-5)
