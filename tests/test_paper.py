@@ -28,3 +28,22 @@ def test_make_paper_smoke_builds_the_report(tmp_path, data_dir):
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert "train-teacher" not in again.stdout and "finished, kept" in again.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_jitter_smoke_adds_the_beyond_the_paper_rows(tmp_path, data_dir):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    command = ["make", "--no-print-directory", "jitter", "EXP=experiments/smoke", f"RUNS={runs}", f"RESULTS={results}",
+               f"KDCLI={sys.executable} -m kdcli", f"KDCLI_DATA_DIR={data_dir}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("distill-jitter", "omit-3-jitter", "data3pct-hard-jitter", "data3pct-soft-jitter"):
+        config = json.loads((runs / name / "result.json").read_text())["config"]
+        assert config["jitter"] == 2, name
+    report = (results / "REPORT.md").read_text()
+    for label in ("beyond the paper: student distilled at T = 20, jittered transfer set",
+                  "beyond the paper: digit 3 omitted, jittered transfer set: bias shift fitted on validation",
+                  "beyond the paper: 3%, soft targets, jittered transfer set"):
+        row = next(line for line in report.splitlines() if label in line)
+        assert "not run" not in row
+    assert (results / "omit-3-jitter-bias.png").stat().st_size > 1000

@@ -85,6 +85,28 @@ def test_cached_and_per_batch_teacher_targets_agree():
     assert torch.allclose(cached.targets_for(idx, x), online.targets_for(idx, x), atol=1e-6)
 
 
+def test_jittered_transfer_set_shows_the_teacher_the_shifted_batch(synthetic_dir, tmp_path):
+    """With jitter the teacher runs on each batch as the student sees it, not on the unshifted images."""
+    cfg = config(synthetic_dir, tmp_path, jitter=2, epochs=1, temperature=4.0)
+    data = load_dataset(cfg, torch.device("cpu"))
+    teacher = StackedMLP([16], seeds=[3]).eval()
+    seen_by_teacher, seen_by_student = [], []
+
+    def spy_teacher(x):
+        seen_by_teacher.append(x.clone())
+        return teacher_targets(teacher, x, [4.0], "mean_probs")
+
+    student = StackedMLP([24])
+    forward = student.forward
+    student.forward = lambda x: (seen_by_student.append(x.detach().clone()), forward(x))[1]
+    fit(student, TransferSet(data.train_x, data.train_y, teacher=spy_teacher), cfg, evaluate=lambda m: {})
+    assert len(seen_by_teacher) == len(seen_by_student) > 0
+    assert all(torch.equal(t, s.reshape(t.shape)) for t, s in zip(seen_by_teacher, seen_by_student))
+    unshifted = {row.numpy().tobytes() for row in data.train_x.flatten(-2)}
+    shown = torch.cat(seen_by_teacher)
+    assert sum(row.numpy().tobytes() in unshifted for row in shown) < len(shown) / 2
+
+
 def test_divergence_is_reported_with_epoch_and_step(synthetic_dir, tmp_path):
     cfg = config(synthetic_dir, tmp_path, lr=1e30, schedule="constant", momentum=0.0)
     data = load_dataset(cfg, torch.device("cpu"))
