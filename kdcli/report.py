@@ -280,7 +280,7 @@ OMIT_PAPER = {
     ("only-7-8", "validation"): "13.2% error, −7.6 chosen on test",
     ("only-7-8", "test_optimised"): "13.2% error, −7.6",
 }
-OMIT_PAPER.update({("omit-3-jitter", protocol): f"{figure} (transfer set without jitter)"
+OMIT_PAPER.update({("omit-3-jitter", protocol): f"{figure}; transfer set without jitter"
                    for (stem, protocol), figure in list(OMIT_PAPER.items()) if stem == "omit-3"})
 OMIT_LABELS = {"omit-3": "digit 3 omitted from the transfer set", "only-7-8": "transfer set of only 7s and 8s",
                "omit-3-jitter": "beyond the paper: digit 3 omitted, jittered transfer set"}
