@@ -55,10 +55,12 @@ def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: st
         reference.to(torch_device)
         # the training images are the (unjittered) transfer set of a distilled run: agreement there is
         # how well the student copied the teacher, agreement on test how well that copy generalises
-        result["agreement"] = {"reference": str(against), **{
-            split: agreement(corrected(combine_logits(predict(model, images), combine)),
-                             combine_logits(predict(reference, images), combine))
-            for split, images in (("test", data.test_x), ("train", data.train_x))}}
+        result["agreement"] = {
+            "reference": str(against),
+            "test": agreement(log_probs, combine_logits(predict(reference, data.test_x), combine)),
+            "train": agreement(corrected(combine_logits(predict(model, data.train_x), combine)),
+                               combine_logits(predict(reference, data.train_x), combine)),
+        }
     if model.members > 1:
         result["member_test_errors"] = [int(summarize(combine_logits(member_logits[k:k + 1]), data.test_y)["n_errors"])
                                         for k in range(model.members)]
@@ -197,16 +199,17 @@ def config_of(result: dict) -> str:
 def paper_rows(results: dict[str, dict]) -> list[dict]:
     rows = []
     for stem, label, paper, _ in PAPER_ROWS:
-        found = seed_runs(results, stem)
-        values = [test_errors(r) for r in found]
-        rows.append({
-            "experiment": label, "paper": paper, "kdcli": spread(values), "values": values,
-            "seeds": len(found), "config": config_of(found[0]) if found else "",
-            "command": found[0].get("command_line", "") if found else "",
-            "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1),
-        })
+        rows.append(seeds_row(seed_runs(results, stem), label, paper))
     rows.append(gap_closed_row(rows))
     return rows + extra_rows(results)
+
+
+def seeds_row(found: list[dict], label: str, paper: str) -> dict:
+    """One report row: test errors of a row's seed runs (none: "not run")."""
+    values = [test_errors(r) for r in found]
+    return {"experiment": label, "paper": paper, "kdcli": spread(values), "values": values, "seeds": len(found),
+            "config": config_of(found[0]) if found else "", "command": found[0].get("command_line", "") if found else "",
+            "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)}
 
 
 def gap_closed_row(rows: list[dict]) -> dict:
@@ -328,16 +331,9 @@ BEYOND_ROWS = [
 
 
 def beyond_rows(results: dict[str, dict]) -> list[dict]:
-    rows = []
-    for stem, label, paper in BEYOND_ROWS:
-        found = seed_runs(results, stem)
-        if not found:
-            continue
-        values = [test_errors(r) for r in found]
-        rows.append({"experiment": label, "paper": paper, "kdcli": spread(values), "values": values,
-                     "seeds": len(found), "config": config_of(found[0]), "command": found[0].get("command_line", ""),
-                     "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)})
-    return rows
+    """Rows of `make jitter`, shown only once run."""
+    found = [(seed_runs(results, stem), label, paper) for stem, label, paper in BEYOND_ROWS]
+    return [seeds_row(runs_found, label, paper) for runs_found, label, paper in found if runs_found]
 
 # §5 on JFT (15,000 classes): kdcli's specialists rows are the analogue on 10 classes
 SPECIALIST_PAPER = {
