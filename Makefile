@@ -31,10 +31,11 @@ $(RUNS)/$(1)/result.json: $(5)
 endef
 $(eval $(call RUN,teacher,train-teacher,teacher,,))
 $(eval $(call RUN,student,train-teacher,student,,))
-$(eval $(call RUN,distill,distill,distill,--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json))
+# each distilled row and its jittered twin (`make jitter`, at the end) share one definition
+$(foreach d,distill distill-jitter,$(eval $(call RUN,$(d),distill,$(d),--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json)))
 $(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,teacher-s$(s),train-teacher,teacher,--seed $(s),)))
 $(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,student-s$(s),train-teacher,student,--seed $(s),)))
-$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,distill-s$(s),distill,distill,--seed $(s) --teacher $(RUNS)/teacher-s$(s),$(RUNS)/teacher-s$(s)/result.json)))
+$(foreach d,distill distill-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),distill,$(d),--seed $(s) --teacher $(RUNS)/teacher-s$(s),$(RUNS)/teacher-s$(s)/result.json))))
 $(eval $(call RUN,data3pct-hard,train-teacher,data3pct-hard,,))
 $(eval $(call RUN,data3pct-hard-es,train-teacher,data3pct-hard-es,,))
 $(eval $(call RUN,data3pct-soft,distill,data3pct-soft,--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json))
@@ -118,9 +119,9 @@ clean:
 # The paper's own shifts, chosen on the test set, go in as the user protocol beside the fitted ones;
 # each run's result.json carries the "bias_correction" table and its bias.png goes to $(RESULTS).
 .PHONY: omit3 only78
-$(eval $(call RUN,omit-3,omit-class,omit-3,--teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json))
+$(foreach d,omit-3 omit-3-jitter,$(eval $(call RUN,$(d),omit-class,$(d),--teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json)))
 $(eval $(call RUN,only-7-8,omit-class,only-7-8,--teacher $(RUNS)/teacher --bias-shift 7=-7.6 --bias-shift 8=-7.6,$(RUNS)/teacher/result.json))
-$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,omit-3-s$(s),omit-class,omit-3,--seed $(s) --teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json)))
+$(foreach d,omit-3 omit-3-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),omit-class,$(d),--seed $(s) --teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json))))
 $(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,only-7-8-s$(s),omit-class,only-7-8,--seed $(s) --teacher $(RUNS)/teacher --bias-shift 7=-7.6 --bias-shift 8=-7.6,$(RUNS)/teacher/result.json)))
 omit3: $(RUNS)/omit-3/result.json $(EXTRA_SEEDS:%=$(RUNS)/omit-3-s%/result.json) $(RESULTS)/omit-3-bias.png
 only78: $(RUNS)/only-7-8/result.json $(EXTRA_SEEDS:%=$(RUNS)/only-7-8-s%/result.json) $(RESULTS)/only-7-8-bias.png
@@ -131,10 +132,7 @@ $(RESULTS)/%-bias.png: $(RUNS)/%/result.json
 # Beyond the paper: the distilled, omit-3 and 3% rows again with a jittered (±2 px) transfer set, the teacher
 # run on each shifted batch (the paper's transfer set had no jitter). `make jitter` (SEEDS as above); not part
 # of `make paper`, whose hour it would overrun.
-$(eval $(call RUN,distill-jitter,distill,distill-jitter,--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json))
-$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,distill-jitter-s$(s),distill,distill-jitter,--seed $(s) --teacher $(RUNS)/teacher-s$(s),$(RUNS)/teacher-s$(s)/result.json)))
-$(eval $(call RUN,omit-3-jitter,omit-class,omit-3-jitter,--teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json))
-$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,omit-3-jitter-s$(s),omit-class,omit-3-jitter,--seed $(s) --teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json)))
+# (the distill-jitter and omit-3-jitter runs are defined with distill and omit-3, above)
 $(eval $(call RUN,data3pct-hard-jitter,train-teacher,data3pct-hard-jitter,,))
 $(eval $(call RUN,data3pct-soft-jitter,distill,data3pct-soft-jitter,--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json))
 jitter: $(RUNS)/distill-jitter/result.json $(EXTRA_SEEDS:%=$(RUNS)/distill-jitter-s%/result.json) \
