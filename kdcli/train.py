@@ -34,11 +34,32 @@ log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite; the state of the last good epoch is kept."""
+    """Training broke down (the loss became NaN or infinite, or the network died);
+    the state of the last good epoch is kept."""
 
-    def __init__(self, epoch: int, step: int):
-        super().__init__(f"loss became NaN or infinite at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, step: int, what: str = "loss became NaN or infinite"):
+        super().__init__(f"{what} at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
+
+
+def dead_members(logits: torch.Tensor) -> list[int]:
+    """Members whose outputs are identical for every example of a batch.
+
+    logits: (members, batch, classes). A ReLU network gives one constant output
+    only when a whole layer is zero for every input (a live network's outputs
+    differ between distinct images), and no gradient then reaches the layers
+    below it, so such a member never recovers: training on is wasted time.
+    """
+    if logits.shape[1] < 2:
+        return []
+    constant = (logits.amax(dim=1) == logits.amin(dim=1)).all(dim=-1)
+    return constant.nonzero().flatten().tolist()
+
+
+def died(members: list[int], stack_size: int) -> str:
+    if stack_size == 1:
+        return "the network died (it gives every image the same output)"
+    return f"member {', '.join(map(str, members))} of the stack died (it gives every image the same output)"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -194,7 +215,8 @@ def fit(
             if cfg.jitter:
                 images = jitter(images, cfg.jitter, jitter_rng)
             x = images.flatten(-2)
-            loss = distillation_loss(model(x), transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha)
+            logits = model(x)
+            loss = distillation_loss(logits, transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -207,6 +229,9 @@ def fit(
         bad = (~torch.isfinite(step_losses)).nonzero()
         if len(bad):
             raise Diverged(epoch + 1, int(bad[0]) + 1)
+        dead = dead_members(logits.detach())  # the epoch's last batch: one cheap check an epoch
+        if dead:
+            raise Diverged(epoch + 1, steps, died(dead, members))
         record = {
             "epoch": epoch + 1,
             "loss": step_losses.mean().item() / members,

@@ -157,6 +157,24 @@ def test_nan_loss_stops_with_epoch_step_and_hint_keeping_the_last_good_epoch(syn
                                              "--out", run_dir), 2)
 
 
+def test_a_network_that_died_stops_with_one_line_keeping_the_last_good_epoch(synthetic_dir, tmp_path, monkeypatch):
+    # the detection itself is tested on a really dead network in test_train.py; here, what the user sees
+    real_check, epochs_checked = train_module.dead_members, []
+
+    def dies_in_epoch_2(logits):
+        epochs_checked.append(1)
+        return [0] if len(epochs_checked) == 2 else real_check(logits)
+
+    monkeypatch.setattr(train_module, "dead_members", dies_in_epoch_2)
+    run_dir = tmp_path / "run"
+    result = kdcli("train-teacher", "--data-dir", synthetic_dir, "--hidden", "8", "--epochs", "3", "--batch-size", "100",
+                   "--lr", "0.07", "--device", "cpu", "--out", run_dir)
+    line = one_line_error(result, 1)
+    assert "the network died" in line and "epoch 2" in line and "--lr (it was 0.07)" in line and "epoch 1 is kept" in line
+    assert torch.load(run_dir / "resume.pt", weights_only=True)["train_state"]["epoch"] == 1
+    assert "died" in runs.read_status(run_dir)["error"]
+
+
 # --- kdcli runs ---------------------------------------------------------------------
 
 def test_runs_table_shows_every_status(synthetic_dir, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import torch
 from kdcli.config import make_config
 from kdcli.data import load_dataset
 from kdcli.models import StackedMLP
-from kdcli.train import Diverged, Hooks, TransferSet, fit, run_training, teacher_targets
+from kdcli.train import Diverged, Hooks, TransferSet, dead_members, fit, run_training, teacher_targets
 
 
 def config(synthetic_dir, tmp_path, **extra):
@@ -113,6 +113,39 @@ def test_divergence_is_reported_with_epoch_and_step(synthetic_dir, tmp_path):
     model = StackedMLP([24])
     with pytest.raises(Diverged, match=r"epoch 1, step \d+"):
         fit(model, TransferSet(data.train_x, data.train_y), cfg, evaluate=lambda m: {})
+
+
+def test_dead_members_are_those_with_one_output_for_every_example():
+    logits = torch.randn(3, 5, 10)
+    logits[1] = torch.randn(10)  # member 1: the same row for all 5 examples
+    assert dead_members(logits) == [1]
+    assert dead_members(logits[:, :1]) == []  # one example proves nothing
+
+
+def kill(model, member):
+    """Every first-layer unit of `member` negative for any [0, 1] image: a dead ReLU network."""
+    with torch.no_grad():
+        model.biases[0][member].fill_(-1e3)
+
+
+def test_a_network_that_died_stops_training_and_says_so(synthetic_dir, tmp_path):
+    cfg = config(synthetic_dir, tmp_path)
+    data = load_dataset(cfg, torch.device("cpu"))
+    model = StackedMLP([24])
+    kill(model, 0)
+    with pytest.raises(Diverged, match=r"the network died .* at epoch 1, step \d+"):
+        fit(model, TransferSet(data.train_x, data.train_y), cfg, evaluate=lambda m: {})
+
+
+def test_a_stack_names_the_member_that_died_and_a_live_one_trains_on(synthetic_dir, tmp_path):
+    cfg = config(synthetic_dir, tmp_path, members=3, epochs=2)
+    data = load_dataset(cfg, torch.device("cpu"))
+    model = StackedMLP([24], members=3)
+    kill(model, 1)
+    with pytest.raises(Diverged, match=r"member 1 of the stack died"):
+        fit(model, TransferSet(data.train_x, data.train_y), cfg, evaluate=lambda m: {})
+    healthy = StackedMLP([24], members=3)
+    assert len(fit(healthy, TransferSet(data.train_x, data.train_y), cfg, evaluate=lambda m: {})) == 2
 
 
 def test_early_stopping_keeps_the_best_validation_epoch(synthetic_dir, tmp_path):
