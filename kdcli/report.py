@@ -332,8 +332,8 @@ BEYOND_ROWS = [
 
 def beyond_rows(results: dict[str, dict]) -> list[dict]:
     """Rows of `make jitter`, shown only once run."""
-    found = [(seed_runs(results, stem), label, paper) for stem, label, paper in BEYOND_ROWS]
-    return [seeds_row(runs_found, label, paper) for runs_found, label, paper in found if runs_found]
+    return [seeds_row(found, label, paper) for stem, label, paper in BEYOND_ROWS if (found := seed_runs(results, stem))]
+
 
 # §5 on JFT (15,000 classes): kdcli's specialists rows are the analogue on 10 classes
 SPECIALIST_PAPER = {
