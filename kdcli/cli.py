@@ -82,6 +82,8 @@ class UsageProblem(Exception):
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML experiment file.", show_default=False)]
 TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "--T", "-T", help="Distillation temperature T.")]
 AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="Weight of the soft-target term, in [0, 1].")]
+MatchOpt = Annotated[Optional[str], typer.Option(
+    "--match", help="What the student matches: soft_targets (KL at T) or logits (squared error, the T -> infinity limit).")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Mini-batch size.")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")]
@@ -209,7 +211,8 @@ def describe_plan(cfg: Config, command: str, resume: bool, force: bool) -> str:
     teacher = ""
     if cfg.teacher:
         temperature = ",".join(f"{t:g}" for t in cfg.temperatures) if cfg.temperatures else f"{cfg.temperature:g}"
-        teacher = f", soft targets of {cfg.teacher} at T={temperature}, α={cfg.alpha:g}"
+        what = "soft targets" if cfg.match == "soft_targets" else "logits"
+        teacher = f", {what} of {cfg.teacher} at T={temperature}, α={cfg.alpha:g}"
     return (f"[bold]{command}[/] would {where}: {models} for {cfg.epochs} epochs on {cfg.dataset}{teacher}, "
             f"seed {cfg.seed}, device {cfg.device}; resolved config:")
 
@@ -337,6 +340,7 @@ def distill(
     batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, teacher: TeacherOpt = None,
     device: DeviceOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
     hidden: HiddenOpt = None, combine: Annotated[Optional[str], typer.Option("--combine", help="Ensemble teacher: mean_probs or mean_logits.")] = None,
+    match: MatchOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Train a student on a teacher's temperature-softened outputs.
@@ -346,7 +350,7 @@ def distill(
     with user_errors():
         cfg = resolve(config, "distill.yaml", temperature=temperature, alpha=alpha, epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, teacher=teacher, device=device, data_dir=data_dir,
-                      out=out_dir, name=name, hidden=hidden, combine=combine)
+                      out=out_dir, name=name, hidden=hidden, combine=combine, match=match)
         if not dry_run:
             check_teacher(cfg, needed=True)
         train_command("distill", cfg, resume, force, dry_run, verbose)
@@ -467,7 +471,7 @@ def omit_class(
     config: ConfigOpt = None, temperature: TemperatureOpt = None, alpha: AlphaOpt = None, epochs: EpochsOpt = None,
     batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, teacher: TeacherOpt = None,
     device: DeviceOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
-    hidden: HiddenOpt = None,
+    hidden: HiddenOpt = None, match: MatchOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Distil with digits missing from the transfer set, then correct the student's output biases.
@@ -481,7 +485,8 @@ def omit_class(
         selection = omit.digit_overrides(digit, digits, keep)
         cfg = resolve(config, omit.experiment_file(selection), **selection, temperature=temperature, alpha=alpha,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher, device=device,
-                      data_dir=data_dir, out=out_dir, name=name or omit.run_name(selection), hidden=hidden)
+                      data_dir=data_dir, out=out_dir, name=name or omit.run_name(selection), hidden=hidden,
+                      match=match)
         omit.check_config(cfg)
         if not dry_run:
             check_teacher(cfg, needed=True)

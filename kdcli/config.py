@@ -30,6 +30,7 @@ CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("onecycle", "cosine", "constant"),
     "combine": ("mean_probs", "mean_logits"),
+    "match": ("soft_targets", "logits"),
 }
 
 
@@ -76,6 +77,7 @@ class Config:
     temperature: float = 1.0
     temperatures: list[float] | None = None  # one per member: a temperature sweep
     alpha: float = 1.0  # weight of the soft term; 1 = soft targets only
+    match: str = "soft_targets"  # or "logits": squared error of zero-meaned logits, the T -> infinity limit (paper §2.1)
     combine: str = "mean_probs"  # how an ensemble teacher's members are combined
 
     # specialists (train-specialists; Hinton, Vinyals & Dean 2015 §5)

@@ -62,6 +62,23 @@ def soft_loss(student_logits: torch.Tensor, target_log_probs: torch.Tensor, temp
     return _per_member_mean(kl * t_squared)
 
 
+def logit_loss(student_logits: torch.Tensor, target_log_probs: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Squared difference of zero-meaned logits, sum_c (z_c - v_c)^2 / (2 N), averaged over the batch.
+
+    The paper's §2.1 "matching logits" (Caruana et al.'s compression), the high-temperature limit of
+    distillation: as T -> infinity the gradient of T^2 * KL w.r.t. z_c tends to (z_c - v_c) / N,
+    which is this loss's gradient, so alpha and the learning rate mean the same for both.
+    The teacher's logits v come back from its soft targets: T * log q is v up to a constant per
+    example (exactly for one teacher; for an ensemble, the logits of its combined distribution).
+    """
+    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+    if t.dim():  # one temperature per member: (members, 1, 1)
+        t = t.reshape(t.shape[0], *([1] * (student_logits.dim() - 1)))
+    v = t * target_log_probs
+    diff = (student_logits - student_logits.mean(-1, keepdim=True)) - (v - v.mean(-1, keepdim=True))
+    return _per_member_mean(diff.pow(2).sum(-1) / (2 * student_logits.shape[-1]))
+
+
 def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the true labels at T = 1, averaged over the batch.
     labels: (batch,) shared by all members, or (members, batch)."""
@@ -76,15 +93,18 @@ def distillation_loss(
     labels: torch.Tensor | None,
     temperature: float | torch.Tensor,
     alpha: float,
+    match: str = "soft_targets",
 ) -> torch.Tensor:
     """L = alpha * T^2 * KL(q || p_s^T) + (1 - alpha) * CE(z_s, y).
 
     alpha = 1 uses soft targets only, so the transfer set may be unlabelled;
     alpha = 0 (or no teacher) is plain training on the hard labels.
+    match = "logits" swaps the soft term for `logit_loss`, its T -> infinity limit.
     """
     loss = torch.zeros((), device=student_logits.device)
     if alpha > 0 and target_log_probs is not None:
-        loss = loss + alpha * soft_loss(student_logits, target_log_probs, temperature)
+        term = logit_loss if match == "logits" else soft_loss
+        loss = loss + alpha * term(student_logits, target_log_probs, temperature)
     if alpha < 1 or target_log_probs is None:
         weight = 1.0 if target_log_probs is None else 1.0 - alpha
         loss = loss + weight * hard_loss(student_logits, labels)

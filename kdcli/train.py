@@ -216,7 +216,7 @@ def fit(
                 images = jitter(images, cfg.jitter, jitter_rng)
             x = images.flatten(-2)
             logits = model(x)
-            loss = distillation_loss(logits, transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha)
+            loss = distillation_loss(logits, transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha, cfg.match)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

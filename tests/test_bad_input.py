@@ -140,6 +140,7 @@ CASES = [
     ("T < 0", ["distill", "--temperature", "-2"], "'temperature' must be > 0"),
     ("alpha > 1", ["distill", "--alpha", "1.5"], "'alpha' must be in [0, 1]"),
     ("alpha < 0", ["distill", "--alpha", "-0.1"], "'alpha' must be in [0, 1]"),
+    ("unknown match", ["distill", "--match", "mse"], "'match' must be one of soft_targets, logits"),
     ("negative epochs", ["train-teacher", "--epochs", "-3"], "'epochs' must be at least 1"),
     ("zero batch size", ["train-ensemble", "--batch-size", "0"], "'batch_size' must be at least 1"),
     ("negative batch size in yaml", ["train-teacher", "-c", "{ws}/negative-batch.yaml"], "'batch_size' must be at least 1"),

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import kdcli.train as train_module
 from conftest import kdcli, one_line_error
@@ -26,6 +27,21 @@ def test_distill_from_the_teacher_with_flag_overrides(teacher_run, data_dir, tmp
     saved = json.loads((out / "result.json").read_text())
     assert saved["config"]["temperature"] == 5.0 and saved["config"]["alpha"] == 0.7
     assert saved["members"][0]["temperature"] == 5.0
+
+
+def test_distill_matching_logits_trains_a_student_of_its_own(teacher_run, data_dir, tmp_path):
+    """--match logits reaches the loss: same seed and data as the soft-target student, other weights."""
+    runs = {}
+    for match in ("soft_targets", "logits"):
+        out = tmp_path / match
+        result = kdcli("distill", "-c", "experiments/smoke/distill.yaml", "--teacher", teacher_run,
+                       "--data-dir", data_dir, "--out", out, "--match", match)
+        assert result.exit_code == 0, result.output
+        runs[match] = out
+    saved = json.loads((runs["logits"] / "result.json").read_text())
+    assert saved["config"]["match"] == "logits"
+    weights = [torch.load(out / "model.pt", weights_only=True)["state_dict"] for out in runs.values()]
+    assert any(not torch.equal(a, weights[1][k]) for k, a in weights[0].items())
 
 
 def test_eval_prints_and_writes_json(teacher_run, data_dir, tmp_path):

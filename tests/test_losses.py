@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdcli.evaluate import agreement
-from kdcli.losses import distillation_loss, hard_loss, soft_loss, soft_targets
+from kdcli.losses import distillation_loss, hard_loss, logit_loss, soft_loss, soft_targets
 
 
 def reference_loss(z_s, z_t, y, T, alpha):
@@ -61,6 +61,44 @@ def test_high_temperature_gradient_approaches_logit_difference_over_n():
     z_low = z_s.detach().clone().requires_grad_()
     soft_loss(z_low, soft_targets(z_t.unsqueeze(0), 1.0), 1.0).backward()
     assert not torch.allclose(z_low.grad, expected, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 20.0])
+def test_logit_matching_is_half_the_mean_squared_difference_of_zero_meaned_logits(T):
+    """Paper §2.1, written out: 1/2 sum_c (z_c - v_c)^2 / N with each example's logits centred; a constant
+    added to the teacher's or the student's logits changes nothing, nor does the temperature."""
+    g = torch.Generator().manual_seed(3)
+    z_t = torch.randn(6, 10, generator=g, dtype=torch.float64) * 4
+    z_s = torch.randn(6, 10, generator=g, dtype=torch.float64) * 4
+    centred = lambda z: z - z.mean(-1, keepdim=True)
+    expected = (0.5 * (centred(z_s) - centred(z_t)) ** 2).sum(-1).mean() / 10
+    shifted_teacher = z_t + torch.arange(6, dtype=torch.float64).unsqueeze(1) * 7
+    ours = logit_loss(z_s + 3.0, soft_targets(shifted_teacher.unsqueeze(0), T), T)
+    assert torch.allclose(ours, expected, atol=1e-10)
+
+
+def test_logit_matching_gradient_is_the_high_temperature_limit_of_distillation():
+    g = torch.Generator().manual_seed(4)
+    z_t = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    z_s = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    grads = {}
+    for match, T in (("logits", 1.0), ("soft_targets", 1000.0)):
+        z = z_s.clone().requires_grad_()
+        distillation_loss(z, soft_targets(z_t.unsqueeze(0), T), None, T, 1.0, match).backward()
+        grads[match] = z.grad
+    assert torch.allclose(grads["logits"], grads["soft_targets"], rtol=1e-2, atol=1e-6)
+    assert grads["logits"].abs().max() > 1e-3  # the logits differ: a real gradient, not two zeros
+
+
+def test_logit_matching_with_one_temperature_per_member():
+    g = torch.Generator().manual_seed(5)
+    z_t = torch.randn(1, 5, 10, generator=g, dtype=torch.float64)
+    z_s = torch.randn(2, 5, 10, generator=g, dtype=torch.float64)
+    temps = torch.tensor([2.0, 20.0], dtype=torch.float64)
+    targets = torch.stack([soft_targets(z_t, t) for t in temps]).squeeze(1)  # (members, n, classes)
+    stacked = logit_loss(z_s, targets, temps.reshape(-1, 1, 1))
+    alone = sum(logit_loss(z_s[k], targets[k], temps[k].item()) for k in range(2))
+    assert torch.allclose(stacked, alone, atol=1e-10)
 
 
 @pytest.mark.parametrize("T", [1.0, 100.0])
