@@ -39,6 +39,12 @@ def soft_targets(teacher_logits: torch.Tensor, temperature: float | torch.Tensor
     raise ValueError(f"unknown combination rule {combine!r}")
 
 
+def _broadcastable(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """T as a tensor that multiplies `like` (members, …): one temperature per member becomes (members, 1, …)."""
+    t = torch.as_tensor(temperature, dtype=like.dtype, device=like.device)
+    return t.reshape(t.shape[0], *([1] * (like.dim() - 1))) if t.dim() else t
+
+
 def _per_member_mean(per_example: torch.Tensor) -> torch.Tensor:
     """(…, batch) -> scalar: mean over the batch, summed over members."""
     return per_example.mean(dim=-1).sum()
@@ -56,10 +62,7 @@ def soft_loss(student_logits: torch.Tensor, target_log_probs: torch.Tensor, temp
     log_p_student = log_softmax_t(student_logits, temperature)
     # kl_div with log_target computes q * (log q - log p) stably, also where q = 0
     kl = F.kl_div(log_p_student, target_log_probs.expand_as(log_p_student), reduction="none", log_target=True).sum(-1)
-    t_squared = torch.as_tensor(temperature, dtype=kl.dtype, device=kl.device) ** 2
-    if t_squared.dim():  # one temperature per member: (members, 1, 1) -> (members, 1)
-        t_squared = t_squared.reshape(t_squared.shape[0], *([1] * (kl.dim() - 1)))
-    return _per_member_mean(kl * t_squared)
+    return _per_member_mean(kl * _broadcastable(temperature, kl) ** 2)
 
 
 def logit_loss(student_logits: torch.Tensor, target_log_probs: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,7 @@ def logit_loss(student_logits: torch.Tensor, target_log_probs: torch.Tensor, tem
     The teacher's logits v come back from its soft targets: T * log q is v up to a constant per
     example (exactly for one teacher; for an ensemble, the logits of its combined distribution).
     """
-    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
-    if t.dim():  # one temperature per member: (members, 1, 1)
-        t = t.reshape(t.shape[0], *([1] * (student_logits.dim() - 1)))
-    v = t * target_log_probs
+    v = _broadcastable(temperature, student_logits) * target_log_probs
     diff = (student_logits - student_logits.mean(-1, keepdim=True)) - (v - v.mean(-1, keepdim=True))
     return _per_member_mean(diff.pow(2).sum(-1) / (2 * student_logits.shape[-1]))
 
