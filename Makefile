@@ -6,6 +6,10 @@ KDCLI   = $(BIN)/kdcli
 # torch/torchvision versions the suite is tested with; override for another platform
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 SEEDS  ?= 1
+# `make paper PRECISION=bf16`: every run with bfloat16 matmuls (faster on CPUs with AMX/AVX512-BF16 and on
+# CUDA); empty keeps each experiment file's own precision (fp32, with which results/ was made)
+PRECISION ?=
+PRECISION_FLAG = $(if $(PRECISION),--precision $(PRECISION))
 # The shared data folder of this project's machines, when present; else kdcli's own lookup
 # ($$KDCLI_DATA_DIR, then the cache, then torchvision's downloader).
 ifneq ($(wildcard ../shared/data/mnist),)
@@ -27,7 +31,7 @@ start = $(if $(wildcard $(1)/resume.pt),--resume,--force)
 # $(1) run name, $(2) command, $(3) experiment file stem, $(4) extra flags, $(5) prerequisites
 define RUN
 $(RUNS)/$(1)/result.json: $(5)
-	$(KDCLI) $(2) -c $(EXP)/$(3).yaml --out $(RUNS)/$(1) $(4) $$(call start,$(RUNS)/$(1))
+	$(KDCLI) $(2) -c $(EXP)/$(3).yaml --out $(RUNS)/$(1) $(4) $(PRECISION_FLAG) $$(call start,$(RUNS)/$(1))
 endef
 $(eval $(call RUN,teacher,train-teacher,teacher,,))
 $(eval $(call RUN,student,train-teacher,student,,))
@@ -66,7 +70,7 @@ distill: $(RUNS)/distill/result.json $(EXTRA_SEEDS:%=$(RUNS)/distill-s%/result.j
 data3pct: $(RUNS)/data3pct-hard/result.json $(RUNS)/data3pct-hard-es/result.json $(RUNS)/data3pct-soft/result.json
 # the sweep keeps finished grid points and resumes interrupted ones by itself
 tsweep: $(RUNS)/teacher/result.json
-	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(RUNS)/teacher
+	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(RUNS)/teacher $(PRECISION_FLAG)
 report:
 	$(KDCLI) report --runs $(RUNS) --out $(RESULTS)
 

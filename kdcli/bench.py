@@ -16,15 +16,15 @@ from rich.table import Table
 from .config import make_config
 from .data import load_dataset
 from .models import arch_from_config, build_model, member_seeds
-from .train import TransferSet, fit, pick_device, teacher_targets
+from .train import TransferSet, check_precision, fit, pick_device, teacher_targets
 
 TEACHER = dict(hidden=[1200, 1200], dropout_input=0.2, dropout_hidden=0.5, max_norm=3.5, jitter=2,
                optimizer="sgd", lr=0.1)
 STUDENT = dict(hidden=[800, 800], optimizer="sgd", lr=0.05)
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(device: torch.device, n: int = 2048, seconds: float = 2.0, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -60,11 +60,13 @@ def samples_per_s(values: dict, data, device, seconds: float, soft: bool = False
     return members * n / time_fit(values, data, device, n, soft)
 
 
-def run_bench(data_dir: str | None, seconds: float, ensemble: bool, console: Console) -> dict:
+def run_bench(data_dir: str | None, seconds: float, ensemble: bool, console: Console, precision: str = "fp32") -> dict:
     device = pick_device("auto")
+    check_precision(make_config({"precision": precision}), device)
     data = load_dataset(make_config({"data_dir": data_dir}), device)
-    peak = matmul_gflops(device)
-    console.print(f"device {device}, {torch.get_num_threads()} threads; fp32 matmul 2048x2048: [bold]{peak:.0f} GFLOP/s[/]")
+    peak = matmul_gflops(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    console.print(f"device {device}, {torch.get_num_threads()} threads, precision {precision}; "
+                  f"{precision} matmul 2048x2048: [bold]{peak:.0f} GFLOP/s[/]")
     rows = [
         ("teacher 1200-1200, batch 100 (dropout, max-norm, jitter)", {**TEACHER, "batch_size": 100}, False),
         ("teacher 1200-1200, batch 256", {**TEACHER, "batch_size": 256}, False),
@@ -74,9 +76,9 @@ def run_bench(data_dir: str | None, seconds: float, ensemble: bool, console: Con
     table = Table(title="training throughput (one process, evaluation excluded)")
     for column in ("configuration", "samples/s", "GFLOP/s", "% of matmul"):
         table.add_column(column, justify="right" if column != "configuration" else "left")
-    results = {"matmul_gflops": peak}
+    results = {"matmul_gflops": peak, "precision": precision}
     for label, values, soft in rows:
-        rate = samples_per_s(values, data, device, seconds, soft)
+        rate = samples_per_s({**values, "precision": precision}, data, device, seconds, soft)
         gflops = rate * flops_per_sample(values["hidden"]) / 1e9
         results[label] = rate
         table.add_row(label, f"{rate:,.0f}", f"{gflops:.1f}", f"{gflops / peak:.0%}")
@@ -84,18 +86,19 @@ def run_bench(data_dir: str | None, seconds: float, ensemble: bool, console: Con
     student, distill = results[rows[2][0]], results[rows[3][0]]
     console.print(f"distillation with cached soft targets runs at {distill / student:.0%} of plain student training")
     if ensemble:
-        results["ensemble"] = bench_ensemble(data, device, console)
+        results["ensemble"] = bench_ensemble(data, device, console, precision)
     return results
 
 
-def bench_ensemble(data, device, console: Console, members: int = 10, n_samples: int = 6000) -> dict:
+def bench_ensemble(data, device, console: Console, precision: str = "fp32", members: int = 10,
+                   n_samples: int = 6000) -> dict:
     """K members trained together (stacked) against K single runs one after another."""
     table = Table(title=f"K = {members} members, {n_samples} images, 1 epoch: together vs one after another")
     for column in ("net", "together (s)", "sequential (s)", "together / sequential"):
         table.add_column(column, justify="right")
     out = {}
     for hidden in ([800, 800], [30, 30]):
-        values = {**STUDENT, "hidden": hidden, "batch_size": 128}
+        values = {**STUDENT, "hidden": hidden, "batch_size": 128, "precision": precision}
         time_fit({**values, "members": members}, data, device, 1000)  # warm-up
         together = time_fit({**values, "members": members}, data, device, n_samples)
         sequential = sum(time_fit({**values, "seed": seed}, data, device, n_samples)

@@ -31,6 +31,7 @@ CHOICES = {
     "schedule": ("onecycle", "cosine", "constant"),
     "combine": ("mean_probs", "mean_logits"),
     "match": ("soft_targets", "logits"),
+    "precision": ("fp32", "bf16"),
 }
 
 
@@ -70,6 +71,7 @@ class Config:
     warmup: float = 0.25  # fraction of steps spent warming up (onecycle)
     epochs: int = 10
     batch_size: int = 128
+    precision: str = "fp32"  # or "bf16": training matmuls in bfloat16 (autocast); weights, optimiser, loss and evaluation stay fp32
     early_stopping: bool = False  # keep the epoch with the fewest validation errors
 
     # distillation

@@ -10,6 +10,7 @@ comes in through the `TransferSet` and the config, never as a branch here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from . import runs
-from .config import Config, member_temperatures
+from .config import Config, ConfigError, member_temperatures
 from .data import Dataset, class_filter, jitter, load_dataset
 from .evaluate import combine_logits, count_errors, predict, summarize
 from .losses import distillation_loss, soft_targets
@@ -166,6 +167,25 @@ def temperature_tensor(cfg: Config, device: torch.device) -> float | torch.Tenso
     return torch.tensor(temps, device=device).reshape(-1, 1, 1)  # (members, 1, 1)
 
 
+def mixed_precision(cfg: Config, device: torch.device):
+    """`precision: bf16`: the forward pass's matmuls run in bfloat16 (and, through autocast,
+    their backward), the rest in fp32: master weights, optimiser state, loss, evaluation.
+    On CPUs with AMX or AVX512-BF16, and on CUDA, bf16 matmuls are several times faster."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def check_precision(cfg: Config, device: torch.device) -> None:
+    """Before anything is written: bf16 needs a device autocast supports, and is only fast with bf16 hardware."""
+    if cfg.precision == "fp32":
+        return
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"'precision: {cfg.precision}' runs on CPU or CUDA, not on {device.type}; use fp32")
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("this CPU has no bfloat16 instructions: precision bf16 will be slower than fp32")
+
+
 def fit(
     model: StackedMLP,
     transfer: TransferSet,
@@ -215,8 +235,9 @@ def fit(
             if cfg.jitter:
                 images = jitter(images, cfg.jitter, jitter_rng)
             x = images.flatten(-2)
-            logits = model(x)
-            loss = distillation_loss(logits, transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha, cfg.match)
+            with mixed_precision(cfg, device):
+                logits = model(x)
+            loss = distillation_loss(logits.float(), transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha, cfg.match)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -496,6 +517,7 @@ def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: 
     if state is not None:  # wall time counts the earlier sessions' epochs too
         started -= sum(r.get("seconds", 0) for r in state["history"])
     device = pick_device(cfg.device)
+    check_precision(cfg, device)
     log.info("device %s, run directory %s", device, run_dir)
     data = load_dataset(cfg, device)
     plan = (recipe or standard_recipe)(cfg, data, device, command)

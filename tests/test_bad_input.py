@@ -111,6 +111,7 @@ def ws(tmp_path_factory, synthetic_dir):
         "wrong-list.yaml": "hidden: {a: 1}\n",
         "empty-hidden.yaml": "hidden: []\n",
         "negative-batch.yaml": "batch_size: -5\n",
+        "precision.yaml": "precision: half\n",
         "dataset.yaml": "dataset: cifar10\n",
         "bool.yaml": "early_stopping: maybe\n",
     }
@@ -141,6 +142,8 @@ CASES = [
     ("alpha > 1", ["distill", "--alpha", "1.5"], "'alpha' must be in [0, 1]"),
     ("alpha < 0", ["distill", "--alpha", "-0.1"], "'alpha' must be in [0, 1]"),
     ("unknown match", ["distill", "--match", "mse"], "'match' must be one of soft_targets, logits"),
+    ("unknown precision", ["train-teacher", "--precision", "fp16"], "'precision' must be one of fp32, bf16"),
+    ("unknown precision in yaml", ["distill", "-c", "{ws}/precision.yaml"], "'precision' must be one of fp32, bf16, got 'half'"),
     ("negative epochs", ["train-teacher", "--epochs", "-3"], "'epochs' must be at least 1"),
     ("zero batch size", ["train-ensemble", "--batch-size", "0"], "'batch_size' must be at least 1"),
     ("negative batch size in yaml", ["train-teacher", "-c", "{ws}/negative-batch.yaml"], "'batch_size' must be at least 1"),

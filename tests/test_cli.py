@@ -44,6 +44,17 @@ def test_distill_matching_logits_trains_a_student_of_its_own(teacher_run, data_d
     assert any(not torch.equal(a, weights[1][k]) for k, a in weights[0].items())
 
 
+def test_precision_flag_reaches_the_run(teacher_run, data_dir, tmp_path):
+    """--precision bf16 is recorded and trains other weights than the fp32 teacher of the same config and seed."""
+    out = tmp_path / "bf16"
+    result = kdcli("train-teacher", "-c", "experiments/smoke/teacher.yaml", "--data-dir", data_dir, "--out", out,
+                   "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "result.json").read_text())["config"]["precision"] == "bf16"
+    weights = [torch.load(run / "model.pt", weights_only=True)["state_dict"] for run in (teacher_run, out)]
+    assert any(not torch.equal(a, weights[1][k]) for k, a in weights[0].items())
+
+
 def test_eval_prints_and_writes_json(teacher_run, data_dir, tmp_path):
     result = kdcli("eval", teacher_run, "--data-dir", data_dir, "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.output

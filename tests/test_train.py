@@ -6,7 +6,9 @@ import torch
 from kdcli.config import make_config
 from kdcli.data import load_dataset
 from kdcli.models import StackedMLP
-from kdcli.train import Diverged, Hooks, TransferSet, dead_members, fit, run_training, teacher_targets
+from kdcli.config import ConfigError
+from kdcli.train import (Diverged, Hooks, TransferSet, check_precision, dead_members, fit, mixed_precision,
+                         run_training, teacher_targets)
 
 
 def config(synthetic_dir, tmp_path, **extra):
@@ -70,6 +72,31 @@ def test_stacked_members_train_like_separate_runs(synthetic_dir, tmp_path):
         for name in w_single:
             assert torch.allclose(w_stack[name][k : k + 1], w_single[name], atol=1e-4), name
         assert abs(stacked["members"][k]["test_errors"] - single["test"]["n_errors"]) <= 1
+
+
+def test_bf16_runs_the_forward_matmuls_in_bfloat16_and_keeps_fp32_weights():
+    model = StackedMLP(hidden=[16], members=2)
+    x = torch.rand(5, 784)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with mixed_precision(make_config({"precision": precision}), torch.device("cpu")):
+            assert model(x).dtype == dtype
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_training_learns_close_to_fp32_but_is_not_fp32(synthetic_dir, tmp_path):
+    fp32 = run_training(config(synthetic_dir, tmp_path / "a", epochs=4), "train-teacher")
+    bf16 = run_training(config(synthetic_dir, tmp_path / "b", epochs=4, precision="bf16"), "train-teacher")
+    assert bf16["test"]["n_errors"] < 20  # of 200, as fp32 training (chance is 180)
+    assert abs(bf16["test"]["n_errors"] - fp32["test"]["n_errors"]) <= 5
+    wa, wb = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert all(w.dtype == torch.float32 for w in wb.values())
+    assert not all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bf16_is_refused_on_a_device_autocast_does_not_cover():
+    with pytest.raises(ConfigError, match="precision: bf16.*mps"):
+        check_precision(make_config({"precision": "bf16"}), torch.device("mps"))
+    check_precision(make_config({"precision": "fp32"}), torch.device("mps"))  # fp32 runs anywhere
 
 
 def test_cached_and_per_batch_teacher_targets_agree():
