@@ -1,5 +1,9 @@
 """The one training loop: exact repeats, exact resume, stacks equal separate runs."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -97,6 +101,18 @@ def test_bf16_is_refused_on_a_device_autocast_does_not_cover():
     with pytest.raises(ConfigError, match="precision: bf16.*mps"):
         check_precision(make_config({"precision": "bf16"}), torch.device("mps"))
     check_precision(make_config({"precision": "fp32"}), torch.device("mps"))  # fp32 runs anywhere
+
+
+def test_importing_kdcli_flushes_denormals_in_every_torch_thread():
+    """The flag is per thread; set after torch's thread pool had started, it reached only the main
+    thread, and half of a two-thread op on denormals ran slowly and kept them."""
+    code = ("import kdcli, torch\n"
+            "torch.full((4_000_000,), 1.0).mul_(0.5)\n"  # torch's first parallel op starts its worker threads
+            "y = torch.full((8_000_000,), 1e-20) * 1e-19\n"  # 1e-39 is denormal: flushed to zero
+            "print(int((y != 0).sum()))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "2"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"
 
 
 def test_cached_and_per_batch_teacher_targets_agree():
