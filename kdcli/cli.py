@@ -319,7 +319,8 @@ def epoch_status(record: dict, epochs: int) -> str:
 @app.command("train-teacher")
 def train_teacher(
     config: ConfigOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
-    seed: SeedOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None,
+    out_dir: OutOpt = None,
     name: NameOpt = None, hidden: HiddenOpt = None, dataset: DatasetOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
@@ -340,7 +341,8 @@ def train_teacher(
 def distill(
     config: ConfigOpt = None, temperature: TemperatureOpt = None, alpha: AlphaOpt = None, epochs: EpochsOpt = None,
     batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, teacher: TeacherOpt = None,
-    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
+    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
+    name: NameOpt = None,
     hidden: HiddenOpt = None, combine: Annotated[Optional[str], typer.Option("--combine", help="Ensemble teacher: mean_probs or mean_logits.")] = None,
     match: MatchOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
@@ -363,7 +365,8 @@ def train_ensemble(
     config: ConfigOpt = None,
     members: Annotated[Optional[int], typer.Option("--members", help="Number of ensemble members K.")] = None,
     epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None,
-    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
+    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
+    name: NameOpt = None,
     hidden: HiddenOpt = None, dataset: DatasetOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
@@ -389,7 +392,8 @@ def train_specialists(
         "--clusters", "--n-clusters", help="K: group the classes by k-means into K specialists' clusters "
         "(instead of clusters listed in the experiment file).")] = None,
     epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None,
-    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
+    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
+    name: NameOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Train specialists on the classes a generalist confuses; combine them with it by the paper's KL rule (§5).
@@ -472,7 +476,8 @@ def omit_class(
     bias_shift: BiasShiftOpt = None,
     config: ConfigOpt = None, temperature: TemperatureOpt = None, alpha: AlphaOpt = None, epochs: EpochsOpt = None,
     batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None, teacher: TeacherOpt = None,
-    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None, name: NameOpt = None,
+    device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
+    name: NameOpt = None,
     hidden: HiddenOpt = None, match: MatchOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):

@@ -201,12 +201,9 @@ def fit(
     """
     hooks = hooks or Hooks()
     device = transfer.images.device
-    # Optimiser state of weights that get no gradient (border pixels, dead units) decays geometrically
-    # into the denormal range, where CPU float arithmetic is several times slower: a quarter of the
-    # teacher's Adam moments were denormal by epoch 36 and its epochs took 22 s instead of 12.
-    # Importing kdcli flushes denormals to zero in every thread (kdcli/__init__.py); this covers a caller
-    # that changed the flag since, in the calling thread at least.
-    torch.set_flush_denormal(True)
+    # Denormals are flushed to zero in every thread from the moment kdcli is imported (kdcli/__init__.py):
+    # optimiser state of weights that get no gradient (border pixels, dead units) decays into the
+    # denormal range, where CPU float arithmetic is several times slower.
     members, n, batch = model.members, transfer.epoch_length(), cfg.batch_size
     steps = math.ceil(n / batch)
     temperature = temperature_tensor(cfg, device)
