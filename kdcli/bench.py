@@ -60,9 +60,12 @@ def samples_per_s(values: dict, data, device, seconds: float, soft: bool = False
     return members * n / time_fit(values, data, device, n, soft)
 
 
-def run_bench(data_dir: str | None, seconds: float, ensemble: bool, console: Console, precision: str = "fp32") -> dict:
+def run_bench(data_dir: str | None, seconds: float, ensemble: bool, console: Console,
+              precision: str | None = None) -> dict:
     device = pick_device("auto")
-    check_precision(make_config({"precision": precision}), device)
+    precision_cfg = make_config({} if precision is None else {"precision": precision})  # validated; default fp32
+    check_precision(precision_cfg, device)
+    precision = precision_cfg.precision
     data = load_dataset(make_config({"data_dir": data_dir}), device)
     peak = matmul_gflops(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     console.print(f"device {device}, {torch.get_num_threads()} threads, precision {precision}; "

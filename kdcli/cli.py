@@ -579,7 +579,7 @@ def bench(
     from .bench import run_bench
 
     with user_errors():
-        run_bench(data_dir=data_dir, seconds=seconds, ensemble=ensemble, console=out, precision=precision or "fp32")
+        run_bench(data_dir=data_dir, seconds=seconds, ensemble=ensemble, console=out, precision=precision)
 
 
 def main() -> None:

@@ -201,12 +201,10 @@ def fit(
     """
     hooks = hooks or Hooks()
     device = transfer.images.device
-    # Denormals are flushed to zero in every thread from the moment kdcli is imported (kdcli/__init__.py):
-    # optimiser state of weights that get no gradient (border pixels, dead units) decays into the
-    # denormal range, where CPU float arithmetic is several times slower.
     members, n, batch = model.members, transfer.epoch_length(), cfg.batch_size
     steps = math.ceil(n / batch)
     temperature = temperature_tensor(cfg, device)
+    precision = mixed_precision(cfg, device)  # one context, entered every step
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, steps * cfg.epochs)
     torch.manual_seed(cfg.seed)  # dropout masks
@@ -233,7 +231,7 @@ def fit(
             if cfg.jitter:
                 images = jitter(images, cfg.jitter, jitter_rng)
             x = images.flatten(-2)
-            with mixed_precision(cfg, device):
+            with precision:
                 logits = model(x)
             loss = distillation_loss(logits.float(), transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha, cfg.match)
             optimizer.zero_grad(set_to_none=True)
