@@ -162,8 +162,15 @@ def collect_results(runs_dir: Path) -> dict[str, dict]:
     for path in sorted(Path(runs_dir).glob(f"*/{runs.RESULT}")):
         result = runs.read_result(path.parent)
         if result is not None:
+            result["command_line"] = relative_to_cwd(result.get("command_line", ""))
             found[path.parent.name] = result
     return found
+
+
+def relative_to_cwd(text: str) -> str:
+    """Paths under the working directory written relative to it: runs made with
+    `make RUNS=$PWD/runs` then show the same commands as any user's checkout."""
+    return text.replace(f"{Path.cwd()}/", "")
 
 
 def seed_runs(results: dict[str, dict], stem: str) -> list[dict]:
@@ -461,7 +468,7 @@ def render_markdown(rows: list[dict], sweep: dict, runs_dir: Path) -> str:
     lines = [
         "# kdcli vs Hinton, Vinyals & Dean (2015): MNIST",
         "",
-        f"Built by `kdcli report` from the `result.json` files under `{runs_dir}/`. Test errors out of",
+        f"Built by `kdcli report` from the `result.json` files under `{relative_to_cwd(f'{runs_dir}/')}`. Test errors out of",
         "10,000 (mean [min–max] over seeds); speech rows of the paper are the analogue kdcli mirrors on MNIST.",
         "",
         "| experiment | paper | kdcli | seeds | config | command |",

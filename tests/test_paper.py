@@ -47,3 +47,21 @@ def test_make_jitter_smoke_adds_the_beyond_the_paper_rows(tmp_path, data_dir):
         row = next(line for line in report.splitlines() if label in line)
         assert "not run" not in row
     assert (results / "omit-3-jitter-bias.png").stat().st_size > 1000
+
+
+def test_report_shows_paths_under_the_working_directory_relative(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from kdcli.report import build_report
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "teacher"
+    run.mkdir(parents=True)
+    command = f"kdcli train-teacher -c experiments/teacher.yaml --out {run} --force"
+    result = {"command": "train-teacher", "name": "teacher", "command_line": command, "wall_seconds": 1.0,
+              "test": {"n_errors": 70, "n_examples": 10000}}
+    (run / "result.json").write_text(json.dumps(result))
+    report = build_report(tmp_path / "runs", tmp_path / "results", Console(file=open("/dev/null", "w"))).read_text()
+    assert str(tmp_path) not in report
+    assert "from the `result.json` files under `runs/`" in report
+    assert "`kdcli train-teacher -c experiments/teacher.yaml --out runs/teacher --force`" in report
