@@ -50,6 +50,8 @@ def test_make_jitter_smoke_adds_the_beyond_the_paper_rows(tmp_path, data_dir):
 
 
 def test_report_shows_paths_under_the_working_directory_relative(tmp_path, monkeypatch):
+    import io
+
     from rich.console import Console
 
     from kdcli.report import build_report
@@ -61,7 +63,7 @@ def test_report_shows_paths_under_the_working_directory_relative(tmp_path, monke
     result = {"command": "train-teacher", "name": "teacher", "command_line": command, "wall_seconds": 1.0,
               "test": {"n_errors": 70, "n_examples": 10000}}
     (run / "result.json").write_text(json.dumps(result))
-    report = build_report(tmp_path / "runs", tmp_path / "results", Console(file=open("/dev/null", "w"))).read_text()
+    report = build_report(tmp_path / "runs", tmp_path / "results", Console(file=io.StringIO())).read_text()
     assert str(tmp_path) not in report
     assert "from the `result.json` files under `runs/`" in report
     assert "`kdcli train-teacher -c experiments/teacher.yaml --out runs/teacher --force`" in report
