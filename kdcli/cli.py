@@ -467,6 +467,37 @@ def report(
         out.print(f"wrote [cyan]{path}[/]")
 
 
+CURVE_FORMATS = (".png", ".pdf", ".svg")
+
+
+@app.command("curves")
+def curves(
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="Run directories (finished or not).", metavar="RUN", show_default=False)],
+    out_path: Annotated[Path, typer.Option("--out", help="Image to write (.png, .pdf or .svg).")] = Path("curves.png"),
+):
+    """Plot learning curves: training loss, validation and test errors against epoch, for one or more runs.
+
+    Example: [bold]kdcli curves runs/teacher runs/distill --out curves.png[/]
+    (a stacked run, such as an ensemble or a temperature sweep, draws one thin line per member)
+    """
+    from .report import plot_curves
+
+    with user_errors():
+        if out_path.suffix.lower() not in CURVE_FORMATS:
+            raise UsageProblem(f"--out must end in {', '.join(CURVE_FORMATS)}, got '{out_path}'")
+        histories = {}
+        for run_dir in run_dirs:
+            if not run_dir.is_dir():
+                raise UsageProblem(f"no run directory at {run_dir}")
+            history = runs.read_metrics(run_dir)
+            if not history:
+                raise UsageProblem(f"{run_dir} has no epoch logged yet ({runs.METRICS} is missing or empty)")
+            histories[str(run_dir)] = history
+        plot_curves(histories, out_path)
+        out.print(f"wrote [cyan]{out_path}[/]")
+
+
 @app.command("omit-class")
 def omit_class(
     digit: Annotated[Optional[list[str]], typer.Option(

@@ -450,6 +450,59 @@ def plot_tsweep(sweep: dict[str, dict[float, int]], path: Path) -> None:
     plt.close(fig)
 
 
+def curve_series(history: list[dict]) -> dict[str, list[tuple[int, list[float]]]]:
+    """(epoch, values) points per logged quantity, one value per stacked member.
+
+    Epochs without a quantity (test errors are logged every `eval_every`
+    epochs, validation errors only with `val_size`) are left out of its series.
+    """
+    series: dict[str, list[tuple[int, list[float]]]] = {}
+    for record in history:
+        for key in ("loss", "val_errors", "test_errors", "test_ensemble_errors"):
+            value = record.get(key)
+            if value is None or "epoch" not in record:
+                continue
+            values = value if isinstance(value, list) else [value]
+            series.setdefault(key, []).append((record["epoch"], values))
+    return series
+
+
+CURVE_STYLES = {"val_errors": ("-", "validation"), "test_errors": ("--", "test"),
+                "test_ensemble_errors": (":", "test, ensemble")}
+
+
+def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    """Training loss and errors against epoch, one colour per run; stacked members as thin lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_errors) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, history) in enumerate(histories.items()):
+        colour = f"C{i % 10}"
+        series = curve_series(history)
+        for key, points in series.items():
+            axis, style, what = (ax_loss, "-", "loss") if key == "loss" else (ax_errors, *CURVE_STYLES[key])
+            members = min(len(values) for _, values in points)
+            for k in range(members):
+                axis.plot([epoch for epoch, _ in points], [values[k] for _, values in points], style, color=colour,
+                        linewidth=1.5 if members == 1 else 0.7, alpha=1.0 if members == 1 else 0.6,
+                        label=f"{name} ({what})" if k == 0 else None)
+    ax_loss.set_ylabel("training loss (as minimised)")
+    ax_errors.set_ylabel("errors (of 10,000)")
+    for ax in (ax_loss, ax_errors):
+        ax.set_yscale("log", nonpositive="mask")  # both fall over orders of magnitude
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def build_report(runs_dir: Path, out_dir: Path, console: Console) -> Path:
     results = collect_results(runs_dir)
     rows = paper_rows(results)

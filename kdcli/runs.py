@@ -307,7 +307,7 @@ def describe_run(run_dir: Path, root: Path | None = None) -> dict:
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             config = None
     config = config if isinstance(config, dict) else {}
-    history = _read_metrics(run_dir)
+    history = read_metrics(run_dir)
     epochs = config.get("epochs")
     # epochs done: as saved in resume.pt once stopped, as logged while running
     done = status.get("saved_epoch") if state in ("interrupted", "failed") else None
@@ -332,7 +332,8 @@ def describe_run(run_dir: Path, root: Path | None = None) -> dict:
     }
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The epochs logged so far; a line cut short by a crash is skipped."""
     try:
         lines = (run_dir / METRICS).read_text().splitlines()
     except (OSError, UnicodeDecodeError):
