@@ -481,7 +481,7 @@ def curves(
     Example: [bold]kdcli curves runs/teacher runs/distill --out curves.png[/]
     (a stacked run, such as an ensemble or a temperature sweep, draws one thin line per member)
     """
-    from .report import plot_curves
+    from .report import curve_series, plot_curves
 
     with user_errors():
         if out_path.suffix.lower() not in CURVE_FORMATS:
@@ -491,8 +491,8 @@ def curves(
             if not run_dir.is_dir():
                 raise UsageProblem(f"no run directory at {run_dir}")
             history = runs.read_metrics(run_dir)
-            if not history:
-                raise UsageProblem(f"{run_dir} has no epoch logged yet ({runs.METRICS} is missing or empty)")
+            if not curve_series(history):
+                raise UsageProblem(f"{run_dir} has no epoch logged yet ({runs.METRICS} is missing, empty or unreadable)")
             histories[str(run_dir)] = history
         plot_curves(histories, out_path)
         out.print(f"wrote [cyan]{out_path}[/]")

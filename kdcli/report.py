@@ -457,14 +457,17 @@ def curve_series(history: list[dict]) -> dict[str, list[tuple[int, list[float]]]
     epochs, validation errors only with `val_size`) are left out of its series.
     """
     series: dict[str, list[tuple[int, list[float]]]] = {}
-    for record in history:
+    for record in history:  # anything but numbers (a hand-edited or corrupt line) is passed over
         for key in ("loss", "val_errors", "test_errors", "test_ensemble_errors"):
             value = record.get(key)
-            if value is None or "epoch" not in record:
-                continue
             values = value if isinstance(value, list) else [value]
-            series.setdefault(key, []).append((record["epoch"], values))
+            if is_number(record.get("epoch")) and values and all(map(is_number, values)):
+                series.setdefault(key, []).append((record["epoch"], values))
     return series
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 CURVE_STYLES = {"val_errors": ("-", "validation"), "test_errors": ("--", "test"),
@@ -487,8 +490,8 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
             members = min(len(values) for _, values in points)
             for k in range(members):
                 axis.plot([epoch for epoch, _ in points], [values[k] for _, values in points], style, color=colour,
-                        linewidth=1.5 if members == 1 else 0.7, alpha=1.0 if members == 1 else 0.6,
-                        label=f"{name} ({what})" if k == 0 else None)
+                          linewidth=1.5 if members == 1 else 0.7, alpha=1.0 if members == 1 else 0.6,
+                          label=f"{name} ({what})" if k == 0 else None)
     ax_loss.set_ylabel("training loss (as minimised)")
     ax_errors.set_ylabel("errors (of 10,000)")
     for ax in (ax_loss, ax_errors):

@@ -27,6 +27,12 @@ def test_curve_series_keeps_each_member_and_skips_epochs_without_the_quantity():
     assert "val_errors" not in series
 
 
+def test_curve_series_passes_over_values_that_are_not_numbers():
+    odd = [{"epoch": 1, "loss": "low"}, {"epoch": "2", "loss": 1.0}, {"epoch": 3, "test_errors": [5, None]},
+           {"epoch": 4, "loss": True}, {"epoch": 5, "test_errors": []}, {"epoch": 6, "loss": 0.5}]
+    assert curve_series(odd) == {"loss": [(6, [0.5])]}
+
+
 def test_curves_plots_several_runs(teacher_run, tmp_path):
     stacked = write_metrics(tmp_path / "stacked", STACKED)
     out = tmp_path / "plots" / "curves.png"
@@ -47,7 +53,9 @@ def test_curves_skips_a_line_cut_short_by_a_crash(tmp_path):
 def test_curves_bad_input_is_one_line(tmp_path):
     run = write_metrics(tmp_path / "run", STACKED)
     (tmp_path / "empty").mkdir()
+    write_metrics(tmp_path / "garbled", [{"epoch": "one", "loss": "high"}])
     assert "no run directory at" in one_line_error(kdcli("curves", tmp_path / "missing"))
     assert "no epoch logged yet" in one_line_error(kdcli("curves", tmp_path / "empty"))
+    assert "no epoch logged yet" in one_line_error(kdcli("curves", tmp_path / "garbled"))
     assert "--out must end in" in one_line_error(kdcli("curves", run, "--out", tmp_path / "c.txt"))
     assert not (tmp_path / "c.txt").exists()
