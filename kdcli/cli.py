@@ -486,15 +486,15 @@ def curves(
     with user_errors():
         if out_path.suffix.lower() not in CURVE_FORMATS:
             raise UsageProblem(f"--out must end in {', '.join(CURVE_FORMATS)}, got '{out_path}'")
-        histories = {}
+        series_by_run = {}
         for run_dir in run_dirs:
             if not run_dir.is_dir():
                 raise UsageProblem(f"no run directory at {run_dir}")
-            history = runs.read_metrics(run_dir)
-            if not curve_series(history):
+            series = curve_series(runs.read_metrics(run_dir))
+            if not series:
                 raise UsageProblem(f"{run_dir} has no epoch logged yet ({runs.METRICS} is missing, empty or unreadable)")
-            histories[str(run_dir)] = history
-        plot_curves(histories, out_path)
+            series_by_run[str(run_dir)] = series
+        plot_curves(series_by_run, out_path)
         out.print(f"wrote [cyan]{out_path}[/]")
 
 

@@ -474,17 +474,17 @@ CURVE_STYLES = {"val_errors": ("-", "validation"), "test_errors": ("--", "test")
                 "test_ensemble_errors": (":", "test, ensemble")}
 
 
-def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Training loss and errors against epoch, one colour per run; stacked members as thin lines."""
+def plot_curves(series_by_run: dict[str, dict], path: Path) -> None:
+    """Training loss and errors against epoch (each run's `curve_series`), one colour per run;
+    stacked members as thin lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_errors) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, history) in enumerate(histories.items()):
+    for i, (name, series) in enumerate(series_by_run.items()):
         colour = f"C{i % 10}"
-        series = curve_series(history)
         for key, points in series.items():
             axis, style, what = (ax_loss, "-", "loss") if key == "loss" else (ax_errors, *CURVE_STYLES[key])
             members = min(len(values) for _, values in points)
