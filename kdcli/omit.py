@@ -338,7 +338,4 @@ def plot_bias(section: dict, path: Path, title: str = "") -> Path:
     ax.set_title(title or describe(section))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return runs.save_figure(fig, path)

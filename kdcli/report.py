@@ -427,12 +427,10 @@ def tsweep_table(results: dict[str, dict]) -> dict[str, dict[float, int]]:
 
 
 def plot_tsweep(sweep: dict[str, dict[float, int]], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     for width, by_t in sweep.items():
         temps = sorted(by_t)
         ax.plot(temps, [by_t[t] for t in temps], marker="o", label=f"{width} units per layer")
@@ -445,9 +443,7 @@ def plot_tsweep(sweep: dict[str, dict[float, int]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def curve_series(history: list[dict]) -> dict[str, list[tuple[int, list[float]]]]:
@@ -477,12 +473,10 @@ CURVE_STYLES = {"val_errors": ("-", "validation"), "test_errors": ("--", "test")
 def plot_curves(series_by_run: dict[str, dict], path: Path) -> None:
     """Training loss and errors against epoch (each run's `curve_series`), one colour per run;
     stacked members as thin lines."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_errors) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_errors = fig.subplots(1, 2)
     for i, (name, series) in enumerate(series_by_run.items()):
         colour = f"C{i % 10}"
         for key, points in series.items():
@@ -501,9 +495,7 @@ def plot_curves(series_by_run: dict[str, dict], path: Path) -> None:
         if ax.lines:
             ax.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    runs.save_figure(fig, path)
 
 
 def build_report(runs_dir: Path, out_dir: Path, console: Console) -> Path:

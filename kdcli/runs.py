@@ -181,6 +181,14 @@ def write_config(cfg, run_dir: Path) -> None:
     atomic_write(Path(run_dir) / CONFIG, lambda f: f.write(text.encode()))
 
 
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib Figure as an image at `path`, its format taken from the suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
     path = Path(run_dir) / METRICS
     try:
