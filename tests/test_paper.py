@@ -67,3 +67,16 @@ def test_report_shows_paths_under_the_working_directory_relative(tmp_path, monke
     assert str(tmp_path) not in report
     assert "from the `result.json` files under `runs/`" in report
     assert "`kdcli train-teacher -c experiments/teacher.yaml --out runs/teacher --force`" in report
+
+
+def test_report_gives_the_only_7_8_error_to_a_hundredth_of_a_percent():
+    from kdcli.report import omit_rows
+
+    def run(accuracy):
+        protocol = {"accuracy": accuracy, "shift": -7.0, "errors_per_10k": 10000 * (1 - accuracy)}
+        return {"name": "only-7-8", "bias_correction": {"protocols": dict.fromkeys(
+            ("none", "validation", "test_optimised"), protocol)}}
+
+    results = {"only-7-8": run(0.8601), "only-7-8-s2": run(0.8718), "only-7-8-s3": run(0.8709)}
+    row = next(r for r in omit_rows(results) if "fitted on validation" in r["experiment"])
+    assert row["kdcli"].startswith("13.24% error [12.82–13.99]"), row["kdcli"]
