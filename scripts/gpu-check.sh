@@ -21,7 +21,7 @@ $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 nproc
 
 say "CUDA tests, and the CLI tests (their session teacher trains on the GPU)"
-timeout 150 $py -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_cli.py 2>&1 \
+timeout 150 $py -m pytest -rs -p no:cacheprovider tests/test_cuda.py tests/test_cli.py 2>&1 \
   | tee "$out/cuda-tests.log" | tail -15
 
 say "bench (idle GPU)"
