@@ -16,7 +16,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export KDCLI_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: install test smoke bench bench-runs paper teacher student distill tsweep data3pct report clean ensembles jitter
+.PHONY: install test smoke bench gpu-check bench-runs paper teacher student distill tsweep data3pct report clean ensembles jitter
 
 # Paper reproduction: each run is a file target on its result.json, so an
 # interrupted `make paper` picks up where it stopped (an interrupted run resumes).
@@ -101,6 +101,12 @@ smoke:
 
 bench:
 	$(KDCLI) bench
+
+# on a CUDA machine: the CUDA tests, `kdcli bench`, and a timed `make -j8 paper` (then SEEDS=3) into runs-gpu/,
+# all inside GPU_SECONDS; logs and a tarball of the finished runs' results go to gpu-check/ (results/h200 was made so)
+GPU_SECONDS ?= 3600
+gpu-check:
+	PYTHON=$(abspath $(BIN)/python) scripts/gpu-check.sh $(KDCLI_DATA_DIR) gpu-check $(GPU_SECONDS)
 
 # Issue 4's comparison end to end, as a user runs it: one train-ensemble run of K = 10 nets against the
 # ten single runs it stands for (member k's seed is 1 + 1000k), each a whole kdcli process with its own

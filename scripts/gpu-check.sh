@@ -6,17 +6,21 @@
 #      stopped at the deadline if it must be (make's file targets keep every finished run);
 #      then `kdcli report` on what finished, and a line per run.
 # usage: scripts/gpu-check.sh DATA_DIR OUT_DIR [SECONDS]   (SECONDS: the whole script's budget, default 560; leave it a minute inside the call's own limit)
-# It uses the python3 on the PATH with kdcli importable from this folder; nothing is installed.
+# It runs kdcli from this folder with $PYTHON (default: the python3 on the PATH); nothing is installed.
+# `make gpu-check` runs it with the project's .venv.
 set -u
-data=$(cd "$1" && pwd) out=$(mkdir -p "$2" && cd "$2" && pwd) budget=${3:-560}
+[ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [SECONDS]  (DATA_DIR may be '' for kdcli's own lookup)" >&2; exit 2; }
+data=${1:+$(cd "$1" && pwd)} out=$(mkdir -p "$2" && cd "$2" && pwd) budget=${3:-560}
 deadline=$(( $(date +%s) + budget ))
 left() { echo $(( deadline - $(date +%s) )); }
 say() { echo "== $(date +%T) ($(left) s left) $*"; }
-export KDCLI_DATA_DIR=$data PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-py=python3
+[ -z "$data" ] || export KDCLI_DATA_DIR=$data
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
 
 say environment
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+$py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA GPU for $py: nothing to check" >&2; exit 1; }
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0))"
 nproc
 
@@ -25,8 +29,8 @@ timeout 150 $py -m pytest -rs -p no:cacheprovider tests/test_cuda.py tests/test_
   | tee "$out/cuda-tests.log" | tail -15
 
 say "bench (idle GPU)"
-{ timeout 60 $py -m kdcli bench --seconds 3 --no-ensemble --data-dir "$data"
-  timeout 60 $py -m kdcli bench --seconds 3 --no-ensemble --precision bf16 --data-dir "$data"; } 2>&1 | tee "$out/bench.log"
+{ timeout 60 $py -m kdcli bench --seconds 3 --no-ensemble
+  timeout 60 $py -m kdcli bench --seconds 3 --no-ensemble --precision bf16; } 2>&1 | tee "$out/bench.log"
 
 # plain `make paper` first (the figure users compare with the CPU's hour), then seeds 2 and 3 on top of it
 rm -rf runs-gpu results-gpu
