@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import platform
 import random
 import shlex
 import sys
@@ -71,6 +72,19 @@ def pick_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware a run's timings were measured on: the GPU's name, else the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine() or device.type
 
 
 def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -558,6 +572,8 @@ def finish_run(cfg: Config, command: str, command_line: str, plan: Recipe, histo
         "wall_seconds": round(time.perf_counter() - started, 2),
         "samples_per_s": round(model.members * transfer.epoch_length() * len(history) / max(train_seconds, 1e-9), 1),
         "device": str(device),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
         "seed": cfg.seed,
         "torch_version": torch.__version__,
         "command_line": command_line,

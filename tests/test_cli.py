@@ -15,7 +15,8 @@ def test_train_teacher_writes_the_run_directory(teacher_run):
     result = json.loads((teacher_run / "result.json").read_text())
     assert set(result["test"]) >= {"n_errors", "accuracy", "per_class_errors", "confusion"}
     assert sum(map(sum, result["test"]["confusion"])) == result["test"]["n_examples"]
-    for key in ("wall_seconds", "samples_per_s", "device", "seed", "torch_version", "command_line"):
+    for key in ("wall_seconds", "samples_per_s", "device", "device_name", "threads", "seed", "torch_version",
+                "command_line"):
         assert key in result
 
 

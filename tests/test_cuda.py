@@ -67,7 +67,7 @@ def test_auto_picks_cuda_and_the_run_evaluates_on_cpu(synthetic_dir, tmp_path):
     trained = kdcli("train-teacher", "--data-dir", synthetic_dir, "--hidden", "24", "--epochs", "3", "--out", run)
     assert trained.exit_code == 0, trained.output
     result = json.loads((run / "result.json").read_text())
-    assert result["device"].startswith("cuda")
+    assert result["device"].startswith("cuda") and result["device_name"] == torch.cuda.get_device_name()
     evaluated = kdcli("eval", run, "--data-dir", synthetic_dir, "--device", "cpu", "--json", tmp_path / "e.json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "e.json").read_text())["test"]["n_errors"] == result["test"]["n_errors"]
