@@ -18,9 +18,10 @@ say() { echo "== $(date +%T) ($(left) s left) $*"; }
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
 
+# the GPU check first, so that a machine without one gets this one line and nothing else
+$py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA GPU for $py: nothing to check" >&2; exit 1; }
 say environment
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-$py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA GPU for $py: nothing to check" >&2; exit 1; }
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0))"
 nproc
 
