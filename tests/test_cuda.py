@@ -1,5 +1,5 @@
 """The CUDA path: what `device: auto` picks when a GPU is there. Skipped on machines without one
-(CI has none); run on a GPU machine with `make cuda-check`."""
+(CI has none); run on a GPU machine with `make gpu-check`."""
 
 import json
 
