@@ -11,6 +11,7 @@ usage: KDCLI_DATA_DIR=... OMP_NUM_THREADS=1 .venv/bin/python scripts/weight_aver
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def averaging_recipe(hooks: Hooks):
             "ema9998": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9998)),
             "swa31": AveragedModel(model),  # the default: a uniform average of every update
         }
-        swa_from_step = (SWA_FROM_EPOCH - 1) * -(-len(plan.transfer.images) // cfg.batch_size)
+        swa_from_step = (SWA_FROM_EPOCH - 1) * math.ceil(len(plan.transfer.images) / cfg.batch_size)
         steps = [0]
 
         def on_step():
