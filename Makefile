@@ -103,10 +103,12 @@ bench:
 	$(KDCLI) bench
 
 # on a CUDA machine: the CUDA tests, `kdcli bench`, and a timed `make -j8 paper` (then SEEDS=3) into runs-gpu/,
-# all inside GPU_SECONDS; logs and a tarball of the finished runs' results go to gpu-check/ (results/h200 was made so)
+# all inside GPU_SECONDS; logs and a tarball of the finished runs' results go to gpu-check/ (results/h200 was made so).
+# It starts from empty runs-gpu/ and results-gpu/ (an earlier check's are removed; its tarball in gpu-check/ stays until the next check).
+# With no KDCLI_DATA_DIR the data folder is passed as '' and kdcli's own lookup finds the files.
 GPU_SECONDS ?= 3600
 gpu-check:
-	PYTHON=$(abspath $(BIN)/python) scripts/gpu-check.sh $(KDCLI_DATA_DIR) gpu-check $(GPU_SECONDS)
+	PYTHON=$(abspath $(BIN)/python) scripts/gpu-check.sh '$(KDCLI_DATA_DIR)' gpu-check $(GPU_SECONDS)
 
 # Issue 4's comparison end to end, as a user runs it: one train-ensemble run of K = 10 nets against the
 # ten single runs it stands for (member k's seed is 1 + 1000k), each a whole kdcli process with its own

@@ -4,7 +4,7 @@
 #   2. `kdcli bench` (training throughput, fp32 and bf16) on the idle GPU;
 #   3. `make -j8 paper` from an empty runs folder, timed, then `make -j8 paper SEEDS=3` on top of it,
 #      stopped at the deadline if it must be (make's file targets keep every finished run);
-#      then `kdcli report` on what finished, and a line per run.
+#      then `kdcli report` on what finished, and `kdcli runs` (a line per run).
 # usage: scripts/gpu-check.sh DATA_DIR OUT_DIR [SECONDS]   (SECONDS: the whole script's budget, default 560; leave it a minute inside the call's own limit)
 # It runs kdcli from this folder with $PYTHON (default: the python3 on the PATH); nothing is installed.
 # `make gpu-check` runs it with the project's .venv.
@@ -50,18 +50,6 @@ tail -3 "$out/paper.log"
 
 say "report on the finished runs"
 timeout 40 $py -m kdcli report --runs runs-gpu --out results-gpu > "$out/report.log" 2>&1; tail -30 "$out/report.log"
-for run in runs-gpu/*/; do
-  $py - "$run" <<'EOF'
-import json, sys, pathlib
-run = pathlib.Path(sys.argv[1]); res = run / "result.json"; lines = (run / "metrics.jsonl")
-if res.is_file():
-    r = json.loads(res.read_text())
-    print(f"{run.name:22s} done  test {r.get('test', {}).get('n_errors')}  wall {r.get('wall_seconds')} s  {r.get('samples_per_s')} samples/s")
-elif lines.is_file():
-    recs = [json.loads(l) for l in lines.read_text().splitlines() if l.strip()]
-    if recs:
-        print(f"{run.name:22s} stopped at epoch {recs[-1]['epoch']}  {recs[-1]['seconds']} s/epoch")
-EOF
-done
+COLUMNS=200 timeout 40 $py -m kdcli runs runs-gpu  # every run: status (finished, or interrupted N/epochs), test errors, wall
 tar czf "$out/gpu-runs.tgz" runs-gpu/*/result.json runs-gpu/*/metrics.jsonl runs-gpu/*/config.yaml results-gpu 2>/dev/null
 say done
