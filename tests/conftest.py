@@ -25,6 +25,34 @@ def kdcli(*args):
     return RUNNER.invoke(app, [str(a) for a in args])
 
 
+def synthetic_config(synthetic_dir, tmp_path, **extra):
+    """A tiny run on the synthetic set (one hidden layer of 24, 3 epochs), on the CPU unless `device` says otherwise."""
+    from kdcli.config import make_config
+
+    values = dict(data_dir=str(synthetic_dir), hidden=[24], epochs=3, batch_size=50, lr=0.05,
+                  out=str(tmp_path / "run"), device="cpu")
+    values.update(extra)
+    return make_config(values)
+
+
+def weights(run_dir):
+    """A finished run's weights, as model.pt holds them."""
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)["state_dict"]
+
+
+def interrupt_after_epoch(cfg, epoch: int) -> None:
+    """Start cfg's run and stop it as Ctrl-C would, from the epoch-`epoch` callback: on_epoch runs
+    before that epoch's state is saved, so resume.pt holds epoch `epoch` - 1."""
+    from kdcli.train import Hooks, run_training
+
+    def stop(record):
+        if record["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, "train-teacher", Hooks(on_epoch=stop))
+
+
 def one_line_error(result, code=2):
     """Assert a failure the way users must see it: the exit code, one stderr line, no traceback."""
     assert result.exit_code == code, result.output

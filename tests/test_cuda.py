@@ -6,22 +6,10 @@ import json
 import pytest
 import torch
 
-from conftest import kdcli
-from kdcli.config import make_config
-from kdcli.train import Hooks, run_training
+from conftest import interrupt_after_epoch, kdcli, synthetic_config as config, weights
+from kdcli.train import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def config(synthetic_dir, tmp_path, **extra):
-    values = dict(data_dir=str(synthetic_dir), hidden=[24], epochs=3, batch_size=50, lr=0.05,
-                  out=str(tmp_path / "run"))
-    values.update(extra)
-    return make_config(values)
-
-
-def weights(run_dir):
-    return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
 
 def test_cuda_training_matches_cpu_training(synthetic_dir, tmp_path):
@@ -42,13 +30,7 @@ def test_cuda_resume_after_interrupt_equals_uninterrupted(synthetic_dir, tmp_pat
     kw = dict(dropout_input=0.2, dropout_hidden=0.3, jitter=2, max_norm=2.0, epochs=4, device="cuda")
     full = run_training(config(synthetic_dir, tmp_path / "full", **kw), "train-teacher")
     cfg = config(synthetic_dir, tmp_path / "cut", **kw)
-
-    def stop_after_epoch_2(record):
-        if record["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, "train-teacher", Hooks(on_epoch=stop_after_epoch_2))
+    interrupt_after_epoch(cfg, 2)
     resumed = run_training(cfg, "train-teacher", resume=True)
     assert resumed["test"]["n_errors"] == full["test"]["n_errors"]
     a, b = weights(tmp_path / "full" / "run"), weights(tmp_path / "cut" / "run")

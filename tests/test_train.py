@@ -7,23 +7,15 @@ import sys
 import pytest
 import torch
 
+from conftest import interrupt_after_epoch, synthetic_config as config, weights
 from kdcli.config import make_config
 from kdcli.data import load_dataset
 from kdcli.models import StackedMLP
 from kdcli.config import ConfigError
-from kdcli.train import (Diverged, Hooks, TransferSet, check_precision, dead_members, fit, mixed_precision,
+from kdcli.train import (Diverged, TransferSet, check_precision, dead_members, fit, mixed_precision,
                          run_training, teacher_targets)
 
 
-def config(synthetic_dir, tmp_path, **extra):
-    values = dict(data_dir=str(synthetic_dir), hidden=[24], epochs=3, batch_size=50, lr=0.05,
-                  out=str(tmp_path / "run"), device="cpu")
-    values.update(extra)
-    return make_config(values)
-
-
-def weights(run_dir):
-    return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
 
 def test_seeded_runs_repeat_exactly(synthetic_dir, tmp_path):
@@ -49,13 +41,7 @@ def test_resume_after_interrupt_equals_uninterrupted(synthetic_dir, tmp_path):
 
     cfg = config(synthetic_dir, tmp_path / "cut", **kw)
 
-    def stop_after_epoch_2(record):
-        if record["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    # on_epoch runs before the epoch's state is saved: the kept state is epoch 1
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, "train-teacher", Hooks(on_epoch=stop_after_epoch_2))
+    interrupt_after_epoch(cfg, 2)  # the kept state is epoch 1
     assert (cfg.run_dir / "resume.pt").is_file() and not (cfg.run_dir / "result.json").exists()
     resumed = run_training(cfg, "train-teacher", resume=True)
 
