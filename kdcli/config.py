@@ -28,7 +28,7 @@ N_CLASSES = 10
 CHOICES = {
     "dataset": DATASETS,
     "optimizer": ("sgd", "adam", "adamw"),
-    "schedule": ("onecycle", "cosine", "constant"),
+    "schedule": ("onecycle", "cosine", "constant", "step"),
     "combine": ("mean_probs", "mean_logits"),
     "match": ("soft_targets", "logits"),
     "precision": ("fp32", "bf16"),
@@ -65,10 +65,14 @@ class Config:
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's (Nesterov) momentum; the final value when momentum_ramp > 0
+    momentum_start: float = 0.5  # momentum_ramp: momentum at the first epoch
+    momentum_ramp: int = 0  # epochs over which momentum rises linearly from momentum_start to momentum (0: constant)
     weight_decay: float = 0.0
     schedule: str = "onecycle"
     warmup: float = 0.25  # fraction of steps spent warming up (onecycle)
+    lr_decay: float = 0.5  # schedule step: lr is multiplied by this every lr_step epochs
+    lr_step: int = 100  # schedule step: epochs between decays (1: exponential decay per epoch)
     epochs: int = 10
     batch_size: int = 128
     precision: str = "fp32"  # or "bf16": training matmuls in bfloat16 (autocast); weights, optimiser, loss and evaluation stay fp32
@@ -96,6 +100,7 @@ class Config:
     out: str | None = None
     expect_max_errors: int | None = None  # fail loudly when a result regresses
     eval_every: int = 1
+    test_eval: bool = True  # false: a blind run (searches) computes, records and prints no test errors
 
     @property
     def run_dir(self) -> Path:
@@ -272,6 +277,11 @@ def validate(cfg: Config) -> None:
     need(cfg.members >= 1, f"'members' must be at least 1, got {cfg.members}")
     need(cfg.lr > 0, f"'lr' must be > 0, got {cfg.lr}")
     need(0.0 <= cfg.momentum < 1.0, f"'momentum' must be in [0, 1), got {cfg.momentum}")
+    need(0.0 <= cfg.momentum_start < 1.0, f"'momentum_start' must be in [0, 1), got {cfg.momentum_start}")
+    need(cfg.momentum_ramp >= 0, f"'momentum_ramp' must be >= 0 epochs, got {cfg.momentum_ramp}")
+    need(cfg.momentum_ramp == 0 or cfg.optimizer == "sgd", "'momentum_ramp' ramps SGD's momentum: it needs 'optimizer: sgd'")
+    need(0.0 < cfg.lr_decay <= 1.0, f"'lr_decay' must be in (0, 1], got {cfg.lr_decay}")
+    need(cfg.lr_step >= 1, f"'lr_step' must be at least 1 epoch, got {cfg.lr_step}")
     need(cfg.weight_decay >= 0, f"'weight_decay' must be >= 0, got {cfg.weight_decay}")
     need(0.0 < cfg.warmup < 1.0, f"'warmup' must be in (0, 1), got {cfg.warmup}")
     need(cfg.epochs >= 1, f"'epochs' must be at least 1, got {cfg.epochs}")
@@ -283,6 +293,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train_limit is None or cfg.train_limit >= 1, f"'train_limit' must be at least 1, got {cfg.train_limit}")
     need(cfg.test_limit is None or cfg.test_limit >= 1, f"'test_limit' must be at least 1, got {cfg.test_limit}")
     need(not cfg.early_stopping or cfg.val_size > 0, "'early_stopping' needs a validation split: set 'val_size' > 0")
+    need(cfg.expect_max_errors is None or cfg.test_eval,
+         "'expect_max_errors' checks test errors, which a blind run (test_eval: false) does not compute")
     need(cfg.expect_max_errors is None or cfg.expect_max_errors >= 0, f"'expect_max_errors' must be >= 0, got {cfg.expect_max_errors}")
     digits = list(cfg.omit_digits) + list(cfg.keep_digits)
     need(all(0 <= d <= 9 for d in digits), f"digits must be between 0 and 9, got {digits}")

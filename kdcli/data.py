@@ -163,6 +163,8 @@ def load_dataset(cfg: Config, device: torch.device) -> Dataset:
         train_x, train_y = train_x[: cfg.train_limit], train_y[: cfg.train_limit]
     if cfg.test_limit:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
+    if not cfg.test_eval:  # a blind run: no code path downstream can score the test images
+        test_x, test_y = test_x[:0], test_y[:0]
     if cfg.train_subset:
         keep = stratified_subset(train_y, cfg.train_subset, cfg.subset_seed)
         train_x, train_y = train_x[keep], train_y[keep]

@@ -79,6 +79,9 @@ def per_class_table(per_class_errors: list[int], per_class_count: list[int] | No
 
 
 def print_result(result: dict, console: Console) -> None:
+    if result.get("test_eval") is False:
+        print_blind_result(result, console)
+        return
     table = Table(title=f"{result['command']}: {result['name']}")
     for column in ("member", "seed", "T", "test errors", "NLL"):
         table.add_column(column, justify="right")
@@ -90,6 +93,22 @@ def print_result(result: dict, console: Console) -> None:
     console.print(table)
     if "test" in result and len(result["members"]) == 1:
         console.print(per_class_table(result["test"]["per_class_errors"], result["test"]["per_class_count"]))
+    console.print(f"{result['epochs']} epochs in {result['train_seconds']:.1f} s "
+                  f"({result['samples_per_s']:,.0f} samples/s on {result['device']}), wall {result['wall_seconds']:.1f} s")
+
+
+def print_blind_result(result: dict, console: Console) -> None:
+    """A run with test_eval: false: its validation errors, and how to score it on test once a decision is made."""
+    val = result.get("val_errors") or []
+    table = Table(title=f"{result['command']}: {result['name']} (blind: no test errors)")
+    for column in ("member", "seed", "T", "validation errors"):
+        table.add_column(column, justify="right")
+    for m in result["members"]:
+        t = "" if m["temperature"] is None else f"{m['temperature']:g}"
+        table.add_row(str(m["member"]), str(m["seed"]), t, str(val[m["member"]]) if m["member"] < len(val) else "–")
+    if "val_ensemble_errors" in result:
+        table.add_row("ensemble (mean_probs)", "", "", str(result["val_ensemble_errors"]), style="bold")
+    console.print(table)
     console.print(f"{result['epochs']} epochs in {result['train_seconds']:.1f} s "
                   f"({result['samples_per_s']:,.0f} samples/s on {result['device']}), wall {result['wall_seconds']:.1f} s")
 

@@ -165,13 +165,30 @@ def make_optimizer(model: StackedMLP, cfg: Config, device: torch.device) -> torc
     return optimizer_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
+    total_steps = steps_per_epoch * cfg.epochs
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup, cycle_momentum=False)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step // steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def lr_factor(cfg: Config, epoch: int) -> float:
+    """Schedule step: the learning rate of 0-based `epoch` over cfg.lr (lr_step 1: exponential decay)."""
+    return cfg.lr_decay ** (epoch // cfg.lr_step)
+
+
+def momentum_at(cfg: Config, epoch: int) -> float:
+    """SGD's momentum during 0-based `epoch`: a linear ramp from momentum_start to momentum over
+    momentum_ramp epochs, then constant (the dropout papers' MNIST nets ramp it towards 0.99)."""
+    if cfg.momentum_ramp == 0:
+        return cfg.momentum
+    progress = min(epoch / cfg.momentum_ramp, 1.0)
+    return cfg.momentum_start + (cfg.momentum - cfg.momentum_start) * progress
 
 
 def temperature_tensor(cfg: Config, device: torch.device) -> float | torch.Tensor:
@@ -220,7 +237,7 @@ def fit(
     temperature = temperature_tensor(cfg, device)
     precision = mixed_precision(cfg, device)  # one context, entered every step
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = make_scheduler(optimizer, cfg, steps * cfg.epochs)
+    scheduler = make_scheduler(optimizer, cfg, steps)
     torch.manual_seed(cfg.seed)  # dropout masks
     random.seed(cfg.seed)  # kdcli draws nothing from these two; seeded and saved so extensions resume exactly
     np.random.seed(cfg.seed % 2**32)
@@ -236,6 +253,9 @@ def fit(
     hooks.on_start(start_epoch, cfg.epochs, steps)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        if cfg.momentum_ramp:
+            for group in optimizer.param_groups:
+                group["momentum"] = momentum_at(cfg, epoch)
         order = transfer.epoch_order(order_rngs).to(device)  # (members, n)
         step_losses = torch.zeros(steps, device=device)
         started = time.perf_counter()
@@ -267,6 +287,7 @@ def fit(
             "epoch": epoch + 1,
             "loss": step_losses.mean().item() / members,
             "lr": scheduler.get_last_lr()[0],
+            **({"momentum": momentum_at(cfg, epoch)} if cfg.momentum_ramp else {}),
             "seconds": round(seconds, 3),
             "samples_per_s": round(members * n / seconds, 1),
         }
@@ -461,6 +482,8 @@ def make_evaluator(data: Dataset, ensemble: bool) -> Callable[[StackedMLP], dict
 
 
 def final_result(cfg: Config, model: StackedMLP, data: Dataset, history: list[dict], command: str) -> dict:
+    if not cfg.test_eval:
+        return blind_result(cfg, model, data, command)
     logits = predict(model, data.test_x)  # (members, n, classes)
     temps = member_temperatures(cfg)
     seeds = member_seeds(cfg.seed, model.members)
@@ -480,6 +503,21 @@ def final_result(cfg: Config, model: StackedMLP, data: Dataset, history: list[di
     if len(data.val_x):
         val_logits = predict(model, data.val_x)
         result["val_errors"] = count_errors(val_logits, data.val_y).tolist()
+    return result
+
+
+def blind_result(cfg: Config, model: StackedMLP, data: Dataset, command: str) -> dict:
+    """result.json of a run with test_eval: false: validation errors only. Its test errors,
+    once a decision is recorded, come from an explicit `kdcli eval`."""
+    temps = member_temperatures(cfg)
+    members = [{"member": k, "seed": seed, "temperature": temps[k] if cfg.teacher else None}
+               for k, seed in enumerate(member_seeds(cfg.seed, model.members))]
+    result = {"command": command, "name": cfg.name, "dataset": cfg.dataset, "test_eval": False, "members": members}
+    if len(data.val_x):
+        val_logits = predict(model, data.val_x)
+        result["val_errors"] = count_errors(val_logits, data.val_y).tolist()
+        if model.members > 1:
+            result["val_ensemble_errors"] = int(count_errors(combine_logits(val_logits), data.val_y))
     return result
 
 
