@@ -238,6 +238,35 @@ def bias_correction(mode: str, digits: list[int], omitted: list[int], test: tupl
     }
 
 
+def blind_bias_correction(mode: str, digits: list[int], omitted: list[int], val: tuple,
+                          user_shifts: dict[int, float] | None = None, grid: list[float] | None = None) -> dict:
+    """bias_correction for a blind run (test_eval: false): the validation split alone,
+    so no test-optimised protocol and no test figure."""
+    grid = grid if grid is not None else shift_grid(mode)
+    val_errors, val_omitted = errors_along(*val, digits, grid, counted=omitted)
+    val_lp, val_y = val
+
+    def summary(shifts: dict[int, float], name: str) -> dict:
+        wrong = shift_biases(val_lp, shifts).argmax(-1) != val_y
+        on_omitted = torch.isin(val_y, torch.tensor(omitted, device=val_y.device))
+        values = set(shifts.values())
+        return {"label": LABELS[name], "shift": values.pop() if len(values) == 1 else None,
+                "shifts": {str(d): v for d, v in sorted(shifts.items())},
+                "val_n_errors": int(wrong.sum()), "val_n_examples": len(val_y),
+                "val_omitted_n_errors": int(wrong[on_omitted].sum()), "val_omitted_n_examples": int(on_omitted.sum())}
+
+    protocols = {"none": summary({d: 0.0 for d in digits}, "none")}
+    if user_shifts:
+        protocols["user"] = summary(user_shifts, "user")
+    protocols["validation"] = summary({d: best_shift(grid, val_errors.tolist()) for d in digits}, "validation")
+    return {
+        "digits": digits, "mode": mode, "omitted_digits": omitted, "test_eval": False,
+        "grid": {"start": grid[0], "stop": grid[-1], "step": GRID_STEP if len(grid) < 2 else round(grid[1] - grid[0], 6)},
+        "protocols": protocols,
+        "curve": {"shifts": grid, "val_n_errors": val_errors.tolist(), "val_omitted_n_errors": val_omitted.tolist()},
+    }
+
+
 def correct_run(cfg: Config, user_shifts: dict[int, float] | None = None) -> dict:
     """Fit and record the bias correction of a finished omit-class run.
 
@@ -253,9 +282,12 @@ def correct_run(cfg: Config, user_shifts: dict[int, float] | None = None) -> dic
     data = load_dataset(cfg, device)
     model.to(device)
     mode, digits, omitted = mode_and_digits(cfg)
-    test = (combine_logits(predict(model, data.test_x)), data.test_y)  # (n, 10) log-probabilities
-    val = (combine_logits(predict(model, data.val_x)), data.val_y)
-    section = bias_correction(mode, digits, omitted, test, val, user_shifts)
+    val = (combine_logits(predict(model, data.val_x)), data.val_y)  # (n, 10) log-probabilities
+    if cfg.test_eval:
+        test = (combine_logits(predict(model, data.test_x)), data.test_y)
+        section = bias_correction(mode, digits, omitted, test, val, user_shifts)
+    else:
+        section = blind_bias_correction(mode, digits, omitted, val, user_shifts)
     plot_bias(section, run_dir / PLOT, title=f"{cfg.name}: {describe(section)}")
     section["plot"] = PLOT
     result["bias_correction"] = section
@@ -278,7 +310,25 @@ def format_shift(protocol: dict) -> str:
     return ", ".join(f"{d}={v:+g}" for d, v in protocol["shifts"].items())
 
 
+def print_blind_bias_correction(section: dict, console: Console) -> None:
+    protocols = section["protocols"]
+    first = protocols["none"]
+    omitted = ",".join(map(str, section["omitted_digits"])) if len(section["omitted_digits"]) <= 3 else "omitted"
+    table = Table(title=f"bias correction (blind: validation only): {describe(section)}")
+    table.add_column("protocol", no_wrap=True)
+    table.add_column(f"shift of {','.join(map(str, section['digits']))}", justify="right")
+    table.add_column(f"val errors (of {first['val_n_examples']:,})", justify="right")
+    table.add_column(f"on {omitted} (of {first['val_omitted_n_examples']:,})", justify="right")
+    for name, p in protocols.items():
+        table.add_row(name, format_shift(p), str(p["val_n_errors"]), str(p["val_omitted_n_errors"]),
+                      style="bold" if name == "validation" else None)
+    console.print(table)
+
+
 def print_bias_correction(section: dict, console: Console) -> None:
+    if section.get("test_eval") is False:
+        print_blind_bias_correction(section, console)
+        return
     protocols = section["protocols"]
     first = protocols["none"]
     omitted = ",".join(map(str, section["omitted_digits"])) if len(section["omitted_digits"]) <= 3 else "omitted"
@@ -311,6 +361,8 @@ def plot_bias(section: dict, path: Path, title: str = "") -> Path:
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     curve, protocols = section["curve"], section["protocols"]
+    if section.get("test_eval") is False:
+        return plot_blind_bias(section, path, title)
     per_10k = lambda errors, n: [e * 10000 / n for e in errors]  # noqa: E731
     n_test, n_val = protocols["none"]["n_examples"], protocols["none"]["val_n_examples"]
     omitted = ",".join(map(str, section["omitted_digits"]))
@@ -333,6 +385,30 @@ def plot_bias(section: dict, path: Path, title: str = "") -> Path:
     else:  # log-like, and a curve that reaches zero errors still plots
         ax.set_yscale("symlog", linthresh=10)
         ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"shift added to the biases of {', '.join(map(str, section['digits']))}")
+    ax.set_ylabel("errors per 10,000")
+    ax.set_title(title or describe(section))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return runs.save_figure(fig, path)
+
+
+def plot_blind_bias(section: dict, path: Path, title: str = "") -> Path:
+    """A blind run's curve: validation errors (per 10,000) against the shift, the chosen shift marked."""
+    from matplotlib.figure import Figure
+
+    curve, chosen = section["curve"], section["protocols"]["validation"]
+    n_val = section["protocols"]["none"]["val_n_examples"]
+    omitted = ",".join(map(str, section["omitted_digits"]))
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(curve["shifts"], [e * 10000 / n_val for e in curve["val_n_errors"]], label=f"validation ({n_val:,} images)", color="C1")
+    ax.plot(curve["shifts"], [e * 10000 / n_val for e in curve["val_omitted_n_errors"]],
+            label=f"validation, errors on {omitted}", color="C1", linestyle=":")
+    ax.axvline(chosen["shift"], color="C2", linestyle="--", label=f"validation: {chosen['shift']:+g}")
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel(f"shift added to the biases of {', '.join(map(str, section['digits']))}")
     ax.set_ylabel("errors per 10,000")
     ax.set_title(title or describe(section))

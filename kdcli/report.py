@@ -148,7 +148,10 @@ def runs_table(rows: list[dict], title: str = "runs") -> Table:
         t = r["temperature"]
         temperature = "" if t is None else ",".join(f"{x:g}" for x in t) if isinstance(t, list) else f"{t:g}"
         errors = r["test_errors"]
-        if len(errors) > 3:
+        if r.get("blind"):
+            val = r.get("val_errors") or []
+            shown = "blind" + (f" (val {', '.join(map(str, val[:3]))}{', …' if len(val) > 3 else ''})" if val else "")
+        elif len(errors) > 3:
             shown = f"{min(errors)}–{max(errors)} ({len(errors)} members)"
         else:
             shown = ", ".join(str(e) for e in errors)

@@ -336,6 +336,8 @@ def describe_run(run_dir: Path, root: Path | None = None) -> dict:
         "status_text": state_text,
         "error": status.get("error") if state == "failed" else None,
         "test_errors": _test_errors(result, history),
+        "blind": config.get("test_eval") is False,  # a search run: validation errors only
+        "val_errors": result.get("val_errors") or next((r["val_errors"] for r in reversed(history) if r.get("val_errors")), []),
         "wall_seconds": wall,
     }
 
@@ -357,6 +359,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def _test_errors(result: dict, history: list[dict]) -> list[int]:
     """Test errors of each member (or the one model), finished or as of the last evaluated epoch."""
+    if result.get("test_eval") is False:
+        return []
     if result.get("members"):
         return [m.get("test_errors") for m in result["members"]]
     if "test" in result:

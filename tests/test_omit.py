@@ -239,3 +239,20 @@ def test_no_validation_split_is_refused(tmp_path):
 @pytest.mark.parametrize("shift, expected", [("3=abc", "not a number"), ("x=1", "not a digit"), ("3", "DIGIT=SHIFT")])
 def test_eval_rejects_a_malformed_bias_shift(shift, expected):
     assert expected in one_line_error(kdcli("eval", "runs/does-not-exist", "--bias-shift", shift))
+
+
+def test_a_blind_omit_class_run_fits_its_shift_on_validation_and_scores_no_test_image(teacher_run, data_dir, tmp_path):
+    experiment = tmp_path / "omit-3-blind.yaml"
+    experiment.write_text(f"base: {REPO / 'experiments/smoke/omit-3.yaml'}\ntest_eval: false\n")
+    out = tmp_path / "omit"
+    result = kdcli("omit-class", "-c", experiment, "--teacher", teacher_run, "--data-dir", data_dir, "--out", out,
+                   "--bias-shift", "3=+3.5")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "result.json").read_text())
+    section = saved["bias_correction"]
+    assert set(section["protocols"]) == {"none", "user", "validation"}  # no test-optimised protocol
+    curve = section["curve"]
+    assert set(curve) == {"shifts", "val_n_errors", "val_omitted_n_errors"}
+    assert section["protocols"]["validation"]["val_n_errors"] == min(curve["val_n_errors"])
+    assert "test" not in saved and (out / "bias.png").stat().st_size > 1000
+    assert "blind" in result.stdout and "test errors" not in result.stdout
