@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import runs
+from . import runs, teachers
 from .config import Config, ConfigError, load_config
 from .data import DataError
 from .train import Diverged, Hooks
@@ -219,14 +219,27 @@ def describe_plan(cfg: Config, command: str, resume: bool, force: bool) -> str:
             f"seed {cfg.seed}, device {cfg.device}; resolved config:")
 
 
-def check_teacher(cfg: Config, needed: bool) -> None:
+def check_teacher(cfg: Config, needed: bool) -> Config:
+    """Every teacher given exists (a run, a checkpoint or a released name), before any work. The default
+    experiments' runs/teacher, when absent, is replaced by the released teacher, in one line."""
     if needed and not cfg.teacher:
         raise UsageProblem("no teacher given: set 'teacher' in the experiment file or pass --teacher")
-    for path in (cfg.teacher or "").split(","):  # several runs, comma-separated, form one ensemble teacher
-        if path.strip() and not Path(path.strip()).exists():
-            raise UsageProblem(f"teacher run '{path.strip()}' not found: train it first (kdcli train-teacher) or pass --teacher")
-        if path.strip():
-            runs.checkpoint_path(path.strip())  # a directory without a model fails here, before any work
+    specs = [p.strip() for p in (cfg.teacher or "").split(",") if p.strip()]  # several form one ensemble teacher
+    for i, spec in enumerate(specs):
+        found = teachers.locate(spec)
+        if found is None and spec == teachers.DEFAULT_RUN and teachers.resolve(teachers.DEFAULT) is not None:
+            found = teachers.resolve(teachers.DEFAULT)
+            err.print(f"no {spec}: using the released teacher {found.name} ({found}; kdcli teachers lists them)",
+                      highlight=False, soft_wrap=True)
+            specs[i] = str(found)
+        if found is None:
+            raise UsageProblem(f"teacher '{spec}' not found: train it first (kdcli train-teacher), pass --teacher, "
+                               "or name a released teacher (kdcli teachers)")
+        if teachers.is_released(found):
+            teachers.verify(found)  # a corrupt release is refused here, before any work
+        else:
+            runs.checkpoint_path(found)  # a directory without a model fails here, before any work
+    return dataclasses.replace(cfg, teacher=",".join(specs)) if cfg.teacher else cfg
 
 
 def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run: bool, verbose: bool,
@@ -356,7 +369,7 @@ def distill(
                       batch_size=batch_size, lr=lr, seed=seed, teacher=teacher, device=device, data_dir=data_dir,
                       out=out_dir, name=name, hidden=hidden, combine=combine, match=match, precision=precision)
         if not dry_run:
-            check_teacher(cfg, needed=True)
+            cfg = check_teacher(cfg, needed=True)
         train_command("distill", cfg, resume, force, dry_run, verbose)
 
 
@@ -441,7 +454,7 @@ def sweep(
         for cfg in configs:
             command = "distill" if cfg.teacher else "train-teacher"
             if not dry_run:
-                check_teacher(cfg, needed=False)
+                cfg = check_teacher(cfg, needed=False)
             if (cfg.run_dir / runs.RESULT).is_file() and not force and not dry_run:
                 out.print(f"{cfg.run_dir}: finished, kept")
                 continue
@@ -527,7 +540,7 @@ def omit_class(
                       match=match, precision=precision)
         omit.check_config(cfg)
         if not dry_run:
-            check_teacher(cfg, needed=True)
+            cfg = check_teacher(cfg, needed=True)
         if train_command("omit-class", cfg, resume, force, dry_run, verbose) is not None:
             omit.print_bias_correction(omit.correct_run(cfg, user_shifts), out)
             out.print(f"bias correction and plot: [cyan]{cfg.run_dir / runs.RESULT}[/], [cyan]{cfg.run_dir / omit.PLOT}[/]")
@@ -551,6 +564,44 @@ def list_runs(
             out.print(f"no run directories under {folder}")
             return
         out.print(runs_table(found, title=f"runs under {folder}"))
+
+
+@app.command("teachers")
+def list_teachers():
+    """The teachers released with kdcli: name, test errors, recipe, checksum state and the command that trained them.
+
+    Use one by name: [bold]kdcli distill --teacher mnist-1200-s2[/] ([bold]mnist-1200[/] is seed 1).
+    """
+    from rich.table import Table
+
+    with user_errors():
+        found = teachers.released()
+        if not found:
+            out.print("no released teachers (kdcli looks in ./teachers and in the checkout it runs from)")
+            return
+        table = Table(title="released teachers")
+        for column in ("name", "test errors", "recipe", "sha256", "trained with"):
+            table.add_column(column, justify="right" if column == "test errors" else "left")
+        for row in map(teachers.describe, found):
+            table.add_row(row["name"], "" if row["test_errors"] is None else str(row["test_errors"]), row["recipe"],
+                          "ok" if row["checksum"] == "ok" else f"[red]{row['checksum']}[/]", row["command"])
+        out.print(table)
+
+
+@app.command("release-teacher")
+def release_teacher(
+    run: Annotated[Path, typer.Argument(help="Finished teacher run directory.", show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="Release name, e.g. mnist-1200-s1.", show_default=False)],
+    into: Annotated[Path, typer.Option("--into", help="Folder of released teachers.")] = Path("teachers"),
+    force: ForceOpt = False,
+):
+    """Release a finished run as a teacher: fp32 safetensors weights, config, result, curve and SHA256SUMS.
+
+    Example: [bold]kdcli release-teacher runs/teacher --name mnist-1200-s1[/]
+    """
+    with user_errors():
+        target = teachers.release(run, name, into, force=force)
+        out.print(f"released [cyan]{target}[/] ({teachers.describe(target)['test_errors']} test errors)")
 
 
 @app.command("eval")

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import runs
+from . import runs, teachers
 from .config import make_config
 from .data import load_dataset
 from .evaluate import agreement, combine_logits, predict, summarize
@@ -25,10 +25,10 @@ def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: st
     from .evaluate import shift_biases
     from .train import pick_device
 
-    model, payload = runs.load_model(run)
+    model, payload = teachers.load_any(run)  # a run, a checkpoint, or a released teacher by name
     saved = dict(payload.get("config") or {})
     if against is not None:
-        reference, reference_payload = runs.load_model(against)
+        reference, reference_payload = teachers.load_any(against)
         reference_dataset = (reference_payload.get("config") or {}).get("dataset", "mnist")
         if reference_dataset != saved.get("dataset", "mnist"):
             raise runs.RunError(f"{against} was trained on {reference_dataset}, {run} on {saved.get('dataset', 'mnist')}")

@@ -58,7 +58,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import runs
+from . import runs, teachers
 from .config import Config, ConfigError, validate
 from .data import Dataset, load_dataset
 from .evaluate import predict, summarize
@@ -636,6 +636,9 @@ def time_together_vs_sequential(cfg: Config, initial: StackedMLP, transfer: Tran
 # --- `kdcli eval` on a specialists run --------------------------------------------------
 
 def is_specialists_run(run: str | Path) -> bool:
+    released = teachers.locate(str(run))
+    if released is not None and teachers.is_released(released):
+        return False
     return "specialists" in runs.read_checkpoint(runs.checkpoint_path(run))
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import runs
+from . import runs, teachers
 from .config import Config, ConfigError, member_temperatures
 from .data import Dataset, class_filter, jitter, load_dataset
 from .evaluate import combine_logits, count_errors, predict, summarize
@@ -393,7 +393,7 @@ def restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, be
 def load_teacher(spec: str | Path, device: torch.device) -> tuple[StackedMLP, dict]:
     """A frozen teacher in eval mode: one run (a single model or an ensemble run),
     or several runs separated by commas, stacked into one ensemble."""
-    loaded = [runs.load_model(path.strip()) for path in str(spec).split(",") if path.strip()]
+    loaded = [teachers.load_any(path.strip()) for path in str(spec).split(",") if path.strip()]
     if not loaded:
         raise runs.RunError("no teacher given")
     datasets = {payload.get("config", {}).get("dataset", "mnist") for _, payload in loaded}

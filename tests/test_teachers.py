@@ -1,0 +1,114 @@
+"""Released teachers: release, name resolution, checksum refusal, and the fallback a fresh clone relies on."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, kdcli, one_line_error, weights
+from kdcli import teachers
+
+
+@pytest.fixture
+def released(teacher_run, tmp_path, monkeypatch):
+    """A smoke teacher released as mnist-1200-s1 into ./teachers of an empty working folder
+    (a fresh clone's layout: no runs/ there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(teachers, "REPO_TEACHERS", tmp_path / "no-checkout-teachers")
+    result = kdcli("release-teacher", teacher_run, "--name", "mnist-1200-s1")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "teachers" / "mnist-1200-s1"
+
+
+def test_a_release_holds_the_runs_weights_its_files_and_their_checksums(released, teacher_run):
+    assert sorted(p.name for p in released.iterdir()) == sorted(teachers.FILES + (teachers.CHECKSUMS,))
+    saved = load_file(str(released / teachers.WEIGHTS))
+    original = weights(teacher_run)
+    assert saved.keys() == original.keys()
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], original[k]) for k in saved)
+    for line in (released / teachers.CHECKSUMS).read_text().splitlines():  # sha256sum -c format
+        digest, filename = line.split("  ")
+        assert hashlib.sha256((released / filename).read_bytes()).hexdigest() == digest
+    assert json.loads((released / "result.json").read_text()) == json.loads((teacher_run / "result.json").read_text())
+
+
+def test_names_resolve_to_released_folders(released):
+    assert teachers.resolve("mnist-1200") == teachers.resolve("mnist-1200-s1") == teachers.Path("teachers/mnist-1200-s1")
+    assert teachers.resolve("mnist-1200-s2") is None
+    assert teachers.resolve("../etc") is None  # a name, never a path
+
+
+def test_a_released_teacher_loads_and_teaches_by_name(released, teacher_run, data_dir):
+    model, payload = teachers.load(released)
+    reference, _ = teachers.load_any(teacher_run)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert payload["config"]["hidden"] == [64, 64]
+    result = kdcli("distill", "-c", REPO / "experiments/smoke/distill.yaml", "--teacher", "mnist-1200",
+                   "--data-dir", data_dir, "--out", "runs/d")
+    assert result.exit_code == 0, result.output
+    assert json.loads(open("runs/d/result.json").read())["config"]["teacher"] == "mnist-1200"
+
+
+def test_distill_on_a_fresh_clone_uses_the_released_teacher_and_says_so(released, data_dir):
+    # the default experiment names runs/teacher, which a fresh clone does not have
+    result = kdcli("distill", "--T", "20", "--epochs", "1", "--hidden", "16", "--data-dir", data_dir, "--out", "runs/d")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "released teacher" in line]
+    assert len(notes) == 1 and "mnist-1200-s1" in notes[0]
+    assert json.loads(open("runs/d/result.json").read())["config"]["teacher"] == "teachers/mnist-1200-s1"
+
+
+def test_an_explicit_missing_teacher_is_still_an_error(released):
+    assert "not found" in one_line_error(kdcli("distill", "--teacher", "runs/mine", "--out", "runs/d"))
+
+
+def flip_a_byte(path, offset=-100):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "missing", "edited result"])
+def test_a_damaged_release_is_refused_in_one_line(released, data_dir, damage):
+    target = released / ("result.json" if damage == "edited result" else teachers.WEIGHTS)
+    if damage == "flipped byte":
+        flip_a_byte(target)
+    elif damage == "truncated":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif damage == "missing":
+        target.unlink()
+    else:
+        target.write_text(target.read_text().replace('"n_errors": ', '"n_errors": 1'))
+    line = one_line_error(kdcli("distill", "-c", REPO / "experiments/smoke/distill.yaml", "--teacher", "mnist-1200",
+                                "--data-dir", data_dir, "--out", "runs/d"))
+    assert "teachers/mnist-1200-s1/" + target.name in line and ("sha256" in line or "missing" in line)
+    assert not (released.parent.parent / "runs" / "d").exists()  # refused before any work
+    line = one_line_error(kdcli("eval", "mnist-1200", "--data-dir", data_dir))
+    assert "teachers/mnist-1200-s1/" + target.name in line
+
+
+def test_kdcli_teachers_lists_test_errors_recipe_checksum_and_command(released, teacher_run):
+    result = kdcli("teachers")
+    assert result.exit_code == 0, result.output
+    expected = json.loads((teacher_run / "result.json").read_text())["test"]["n_errors"]
+    assert "mnist-1200-s1" in result.stdout and str(expected) in result.stdout and "ok" in result.stdout
+    row = teachers.describe(released)
+    assert row["test_errors"] == expected and "784-64-64-10" in row["recipe"] and row["command"].startswith("kdcli")
+    flip_a_byte(released / teachers.WEIGHTS)
+    assert "sha256" in teachers.describe(released)["checksum"]
+
+
+def test_release_refuses_blind_runs_unfinished_runs_and_a_second_release(released, teacher_run, tmp_path):
+    line = one_line_error(kdcli("release-teacher", teacher_run, "--name", "mnist-1200-s1"))
+    assert "released once" in line
+    blind = tmp_path / "blind"
+    shutil.copytree(teacher_run, blind)
+    result = json.loads((blind / "result.json").read_text())
+    (blind / "result.json").write_text(json.dumps({**result, "test_eval": False}))
+    assert "blind" in one_line_error(kdcli("release-teacher", blind, "--name", "x-s1"))
+    (blind / "result.json").unlink()
+    assert "finished" in one_line_error(kdcli("release-teacher", blind, "--name", "x-s1"))
+    assert "release name" in one_line_error(kdcli("release-teacher", teacher_run, "--name", "../x"))
