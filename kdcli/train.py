@@ -562,7 +562,7 @@ def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: 
     run_dir = cfg.run_dir
     command_line = command_line or shlex.join(["kdcli", *sys.argv[1:]])
     state = read_resume_state(cfg) if resume else None
-    if state is not None:  # wall time counts the earlier sessions' epochs too
+    if state is not None:  # wall time counts the epochs before the resume too
         started -= sum(r.get("seconds", 0) for r in state["history"])
     device = pick_device(cfg.device)
     check_precision(cfg, device)

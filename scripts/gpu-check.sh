@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0))"
 nproc
 
-say "CUDA tests, and the CLI tests (their session teacher trains on the GPU)"
+say "CUDA tests, and the CLI tests (their shared smoke teacher trains on the GPU)"
 timeout 150 $py -m pytest -rs -p no:cacheprovider tests/test_cuda.py tests/test_cli.py 2>&1 \
   | tee "$out/cuda-tests.log" | tail -15
 

@@ -94,7 +94,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory, data_dir) -> Path:
-    """A finished smoke teacher run, trained once for the session; tests must not change it."""
+    """A finished smoke teacher run, trained once per test run; tests must not change it."""
     out = tmp_path_factory.mktemp("runs") / "teacher"
     result = kdcli("train-teacher", "-c", "experiments/smoke/teacher.yaml", "--data-dir", data_dir, "--out", out)
     assert result.exit_code == 0, result.output
