@@ -16,7 +16,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export KDCLI_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: install test smoke bench gpu-check bench-runs paper teacher student distill tsweep data3pct report clean ensembles jitter
+.PHONY: install test smoke bench gpu-check bench-runs paper teacher teachers student distill tsweep data3pct report clean ensembles jitter
 
 # Paper reproduction: each run is a file target on its result.json, so an
 # interrupted `make paper` picks up where it stopped (an interrupted run resumes).
@@ -28,6 +28,27 @@ RESULTS ?= results
 EXTRA_SEEDS := $(wordlist 2,$(SEEDS),1 2 3 4 5 6 7 8 9 10)
 start = $(if $(wildcard $(1)/resume.pt),--resume,--force)
 
+# Teachers. Every row distils from teacher k for seed k: the released teachers under teachers/ (RELEASE-s1..s3,
+# `kdcli teachers` lists them) when they are there, else teachers trained here first. `make paper TEACHERS=scratch`
+# (or `make teachers`) retrains them from nothing with experiments/teacher.yaml, the released recipe, into $(RUNS)/.
+RELEASE  ?= mnist-1200
+TEACHERS_DIR ?= teachers
+TEACHERS ?= $(if $(wildcard $(TEACHERS_DIR)/$(RELEASE)-s1/SHA256SUMS),released,scratch)
+ifeq ($(TEACHERS),released)
+teacher_of  = $(TEACHERS_DIR)/$(RELEASE)-s$(1)
+teacher_dep =
+REPORT_TEACHERS = --teachers $(TEACHERS_DIR)/$(RELEASE)
+ifneq ($(filter-out 1 2 3,$(SEEDS:%=%)),)
+$(error kdcli releases teachers for seeds 1-3: for SEEDS=$(SEEDS) train them here with TEACHERS=scratch)
+endif
+else ifeq ($(TEACHERS),scratch)
+teacher_of  = $(RUNS)/teacher$(if $(filter-out 1,$(1)),-s$(1))
+teacher_dep = $(RUNS)/teacher$(if $(filter-out 1,$(1)),-s$(1))/result.json
+REPORT_TEACHERS =
+else
+$(error TEACHERS must be released or scratch, got '$(TEACHERS)')
+endif
+
 # $(1) run name, $(2) command, $(3) experiment file stem, $(4) extra flags, $(5) prerequisites
 define RUN
 $(RUNS)/$(1)/result.json: $(5)
@@ -36,13 +57,13 @@ endef
 $(eval $(call RUN,teacher,train-teacher,teacher,,))
 $(eval $(call RUN,student,train-teacher,student,,))
 # each distilled row and its jittered twin (`make jitter`, at the end) share one definition
-$(foreach d,distill distill-jitter,$(eval $(call RUN,$(d),distill,$(d),--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json)))
-$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,teacher-s$(s),train-teacher,teacher,--seed $(s),)))
+$(foreach d,distill distill-jitter,$(eval $(call RUN,$(d),distill,$(d),--teacher $(call teacher_of,1),$(call teacher_dep,1))))
+$(foreach s,$(sort 2 3 $(EXTRA_SEEDS)),$(eval $(call RUN,teacher-s$(s),train-teacher,teacher,--seed $(s),)))
 $(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,student-s$(s),train-teacher,student,--seed $(s),)))
-$(foreach d,distill distill-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),distill,$(d),--seed $(s) --teacher $(RUNS)/teacher-s$(s),$(RUNS)/teacher-s$(s)/result.json))))
+$(foreach d,distill distill-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),distill,$(d),--seed $(s) --teacher $(call teacher_of,$(s)),$(call teacher_dep,$(s))))))
 $(eval $(call RUN,data3pct-hard,train-teacher,data3pct-hard,,))
 $(eval $(call RUN,data3pct-hard-es,train-teacher,data3pct-hard-es,,))
-$(eval $(call RUN,data3pct-soft,distill,data3pct-soft,--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json))
+$(eval $(call RUN,data3pct-soft,distill,data3pct-soft,--teacher $(call teacher_of,1),$(call teacher_dep,1)))
 
 # Table 1 analogue (issue 4): single net, 10-net ensemble, distilled single net, on MNIST and Fashion-MNIST
 ENSEMBLE_SEEDS := 1 2 3
@@ -65,16 +86,19 @@ specialists: specialists-fashion specialists-mnist
 	$(MAKE) --no-print-directory report
 
 teacher: $(RUNS)/teacher/result.json $(EXTRA_SEEDS:%=$(RUNS)/teacher-s%/result.json)
+# the released recipe's three seeds from nothing, then their test errors beside the released teachers'
+teachers: $(RUNS)/teacher/result.json $(RUNS)/teacher-s2/result.json $(RUNS)/teacher-s3/result.json
+	$(KDCLI) teachers --compare $(RUNS) --release $(RELEASE)
 student: $(RUNS)/student/result.json $(EXTRA_SEEDS:%=$(RUNS)/student-s%/result.json)
 distill: $(RUNS)/distill/result.json $(EXTRA_SEEDS:%=$(RUNS)/distill-s%/result.json)
 data3pct: $(RUNS)/data3pct-hard/result.json $(RUNS)/data3pct-hard-es/result.json $(RUNS)/data3pct-soft/result.json
 # the sweep keeps finished grid points and resumes interrupted ones by itself
-tsweep: $(RUNS)/teacher/result.json
-	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(RUNS)/teacher $(PRECISION_FLAG)
+tsweep: $(call teacher_dep,1)
+	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(call teacher_of,1) $(PRECISION_FLAG)
 report:
-	$(KDCLI) report --runs $(RUNS) --out $(RESULTS)
+	$(KDCLI) report --runs $(RUNS) --out $(RESULTS) $(REPORT_TEACHERS)
 
-paper: teacher student distill data3pct tsweep omit3 only78
+paper: $(if $(filter scratch,$(TEACHERS)),teacher) student distill data3pct tsweep omit3 only78
 	$(MAKE) --no-print-directory report
 
 install: $(BIN)/kdcli
@@ -127,14 +151,14 @@ clean:
 	rm -rf runs/smoke-* runs/bench-*
 
 # §3, digits missing from the transfer set: `make omit3`, `make only78` (SEEDS as above: the
-# students' seeds; every seed distils from the one teacher, which the experiment leaves unchanged).
+# students' seeds; seed k distils from teacher k, as the distilled row does).
 # The paper's own shifts, chosen on the test set, go in as the user protocol beside the fitted ones;
 # each run's result.json carries the "bias_correction" table and its bias.png goes to $(RESULTS).
 .PHONY: omit3 only78
-$(foreach d,omit-3 omit-3-jitter,$(eval $(call RUN,$(d),omit-class,$(d),--teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json)))
-$(eval $(call RUN,only-7-8,omit-class,only-7-8,--teacher $(RUNS)/teacher --bias-shift 7=-7.6 --bias-shift 8=-7.6,$(RUNS)/teacher/result.json))
-$(foreach d,omit-3 omit-3-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),omit-class,$(d),--seed $(s) --teacher $(RUNS)/teacher --bias-shift 3=+3.5,$(RUNS)/teacher/result.json))))
-$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,only-7-8-s$(s),omit-class,only-7-8,--seed $(s) --teacher $(RUNS)/teacher --bias-shift 7=-7.6 --bias-shift 8=-7.6,$(RUNS)/teacher/result.json)))
+$(foreach d,omit-3 omit-3-jitter,$(eval $(call RUN,$(d),omit-class,$(d),--teacher $(call teacher_of,1) --bias-shift 3=+3.5,$(call teacher_dep,1))))
+$(eval $(call RUN,only-7-8,omit-class,only-7-8,--teacher $(call teacher_of,1) --bias-shift 7=-7.6 --bias-shift 8=-7.6,$(call teacher_dep,1)))
+$(foreach d,omit-3 omit-3-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),omit-class,$(d),--seed $(s) --teacher $(call teacher_of,$(s)) --bias-shift 3=+3.5,$(call teacher_dep,$(s))))))
+$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,only-7-8-s$(s),omit-class,only-7-8,--seed $(s) --teacher $(call teacher_of,$(s)) --bias-shift 7=-7.6 --bias-shift 8=-7.6,$(call teacher_dep,$(s)))))
 omit3: $(RUNS)/omit-3/result.json $(EXTRA_SEEDS:%=$(RUNS)/omit-3-s%/result.json) $(RESULTS)/omit-3-bias.png
 only78: $(RUNS)/only-7-8/result.json $(EXTRA_SEEDS:%=$(RUNS)/only-7-8-s%/result.json) $(RESULTS)/only-7-8-bias.png
 $(RESULTS)/%-bias.png: $(RUNS)/%/result.json
@@ -146,7 +170,7 @@ $(RESULTS)/%-bias.png: $(RUNS)/%/result.json
 # of `make paper`, whose hour it would overrun.
 # (the distill-jitter and omit-3-jitter runs are defined with distill and omit-3, above)
 $(eval $(call RUN,data3pct-hard-jitter,train-teacher,data3pct-hard-jitter,,))
-$(eval $(call RUN,data3pct-soft-jitter,distill,data3pct-soft-jitter,--teacher $(RUNS)/teacher,$(RUNS)/teacher/result.json))
+$(eval $(call RUN,data3pct-soft-jitter,distill,data3pct-soft-jitter,--teacher $(call teacher_of,1),$(call teacher_dep,1)))
 jitter: $(RUNS)/distill-jitter/result.json $(EXTRA_SEEDS:%=$(RUNS)/distill-jitter-s%/result.json) \
 	$(RUNS)/omit-3-jitter/result.json $(EXTRA_SEEDS:%=$(RUNS)/omit-3-jitter-s%/result.json) $(RESULTS)/omit-3-jitter-bias.png \
 	$(RUNS)/data3pct-hard-jitter/result.json $(RUNS)/data3pct-soft-jitter/result.json

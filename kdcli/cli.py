@@ -466,6 +466,9 @@ def sweep(
 def report(
     runs_dir: Annotated[Path, typer.Option("--runs", help="Folder of run directories.")] = Path("runs"),
     results_dir: Annotated[Path, typer.Option("--out", help="Where REPORT.md, summary.json and plots go.")] = Path("results"),
+    released: Annotated[Optional[str], typer.Option(
+        "--teachers", help="Read the teacher row from released teachers, e.g. teachers/mnist-1200 (its -s1, -s2, ...).",
+        show_default=False)] = None,
 ):
     """Build the paper-vs-kdcli table from the runs' result.json files.
 
@@ -476,7 +479,7 @@ def report(
     with user_errors():
         if not runs_dir.is_dir():
             raise UsageProblem(f"no run directory folder at {runs_dir}")
-        path = build_report(runs_dir, results_dir, out)
+        path = build_report(runs_dir, results_dir, out, released)
         out.print(f"wrote [cyan]{path}[/]")
 
 
@@ -567,7 +570,12 @@ def list_runs(
 
 
 @app.command("teachers")
-def list_teachers():
+def list_teachers(
+    compare: Annotated[Optional[Path], typer.Option(
+        "--compare", help="A folder with teachers retrained here (teacher, teacher-s2, ...): their test errors beside the released ones.",
+        show_default=False)] = None,
+    release: Annotated[str, typer.Option("--release", help="With --compare: the released recipe's name.")] = teachers.DEFAULT,
+):
     """The teachers released with kdcli: name, test errors, recipe, checksum state and the command that trained them.
 
     Use one by name: [bold]kdcli distill --teacher mnist-1200-s2[/] ([bold]mnist-1200[/] is seed 1).
@@ -575,6 +583,9 @@ def list_teachers():
     from rich.table import Table
 
     with user_errors():
+        if compare is not None:
+            out.print(teachers_comparison(compare, release))
+            return
         found = teachers.released()
         if not found:
             out.print("no released teachers (kdcli looks in ./teachers and in the checkout it runs from)")
@@ -586,6 +597,21 @@ def list_teachers():
             table.add_row(row["name"], "" if row["test_errors"] is None else str(row["test_errors"]), row["recipe"],
                           "ok" if row["checksum"] == "ok" else f"[red]{row['checksum']}[/]", row["command"])
         out.print(table)
+
+
+def teachers_comparison(runs_dir: Path, release: str):
+    """`kdcli teachers --compare runs`: released and retrained test errors, seed by seed."""
+    from rich.table import Table
+
+    rows = teachers.compare(runs_dir, release)
+    table = Table(title=f"released {release} vs retrained under {runs_dir} (test errors of 10,000)")
+    for column in ("seed", "released", "retrained here", "difference", "retrained run"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        diff = "" if None in (r["released"], r["retrained"]) else f"{r['retrained'] - r['released']:+d}"
+        table.add_row(str(r["seed"]), str(r["released"] if r["released"] is not None else "–"),
+                      str(r["retrained"] if r["retrained"] is not None else "not run"), diff, r["run"])
+    return table
 
 
 @app.command("release-teacher")

@@ -233,10 +233,33 @@ def paper_rows(results: dict[str, dict]) -> list[dict]:
     return rows + extra_rows(results)
 
 
+def transfer_protocol(result: dict | None) -> str:
+    """What a row's student learned from: hard labels, or a teacher on an unjittered or jittered transfer set."""
+    if not result:
+        return ""
+    config = result.get("config") or {}
+    jitter = config.get("jitter") or 0
+    if config.get("teacher") or config.get("generalist"):
+        return f"jittered ±{jitter} px" if jitter else "unjittered"
+    return f"hard labels, ±{jitter} px jitter" if jitter else "hard labels"
+
+
+# The best public reproduction of the paper's MNIST rows: pradyot-09/DL-Reproducibility-Project
+# (distillation.ipynb), one unseeded run per row, read off the test set; its transfer set is jittered.
+PUBLIC_SOURCE = "pradyot-09/DL-Reproducibility-Project, one unseeded run per row, read off the test set"
+PUBLIC = {
+    "teacher 784-1200-1200-10, dropout + max-norm + ±2 px jitter": "58 (no max-norm)",
+    "student distilled at T = 20 (transfer set without jitter)": "none below 80 found",
+    "beyond the paper: student distilled at T = 20, jittered transfer set": "65 (0.7 soft / 0.3 hard)",
+    "beyond the paper: digit 3 omitted, jittered transfer set: no bias correction": "141 (82 threes)",
+}
+
+
 def seeds_row(found: list[dict], label: str, paper: str) -> dict:
     """One report row: test errors of a row's seed runs (none: "not run")."""
     values = [test_errors(r) for r in found]
     return {"experiment": label, "paper": paper, "kdcli": spread(values), "values": values, "seeds": len(found),
+            "transfer": transfer_protocol(found[0] if found else None),
             "config": config_of(found[0]) if found else "", "command": found[0].get("command_line", "") if found else "",
             "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)}
 
@@ -289,6 +312,7 @@ def ensemble_rows(results: dict[str, dict]) -> list[dict]:
             nll = f", NLL {sum(nlls) / len(nlls):.4f}" if nlls else ""
             rows.append({"experiment": f"{dataset}: {label}", "paper": ENSEMBLE_PAPER[part],
                          "kdcli": spread(values) + nll, "values": values, "seeds": len(values),
+                         "transfer": transfer_protocol(found[part][0] if found[part] else None),
                          "config": config_of(found[part][0]) if found[part] else "",
                          "command": found[part][0].get("command_line", "") if found[part] else "",
                          "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found[part]), 1)})
@@ -343,7 +367,7 @@ def omit_rows(results: dict[str, dict]) -> list[dict]:
             if protocol != "none" and shifts:
                 kdcli += f", shift {sum(shifts) / len(shifts):+.1f}"
             rows.append({"experiment": f"{experiment}: {label}", "paper": OMIT_PAPER[(stem, protocol)],
-                         "kdcli": kdcli, "values": values, "seeds": len(found),
+                         "kdcli": kdcli, "values": values, "seeds": len(found), "transfer": transfer_protocol(found[0]),
                          "config": config_of(found[0]), "command": found[0].get("command_line", ""),
                          "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)
                          if protocol == "none" else 0})
@@ -386,7 +410,8 @@ def specialist_rows(results: dict[str, dict]) -> list[dict]:
             continue
         sections = [r["specialists"] for r in found]
         k = sorted({len(s["clusters"]) for s in sections})
-        common = {"seeds": len(found), "config": config_of(found[0]), "command": found[0].get("command_line", "")}
+        common = {"seeds": len(found), "config": config_of(found[0]), "command": found[0].get("command_line", ""),
+                  "transfer": transfer_protocol(found[0])}
 
         def row(label: str, paper: str, kdcli: str, values: list, wall: bool = False) -> dict:
             return {"experiment": f"{dataset} (analogue of §5 on JFT): {label}", "paper": paper, "kdcli": kdcli,
@@ -522,32 +547,65 @@ def plot_curves(series_by_run: dict[str, dict], path: Path) -> None:
     runs.save_figure(fig, path)
 
 
-def build_report(runs_dir: Path, out_dir: Path, console: Console) -> Path:
+def build_report(runs_dir: Path, out_dir: Path, console: Console, released: str | None = None) -> Path:
+    """REPORT.md and summary.json from the runs under runs_dir; `released` (e.g. teachers/mnist-1200):
+    the teacher row is read from the released teachers <released>-s1, -s2, ... instead of runs_dir."""
     results = collect_results(runs_dir)
+    if released:
+        results = {k: v for k, v in results.items() if not seed_runs({k: v}, "teacher")}
+        results.update(released_teacher_results(released))
     rows = paper_rows(results)
+    for r in rows:
+        r["public"] = PUBLIC.get(r["experiment"], "—")
     sweep = tsweep_table(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     if sweep:
         plot_tsweep(sweep, out_dir / "tsweep.png")
-    markdown = render_markdown(rows, sweep, runs_dir)
+    markdown = render_markdown(rows, sweep, runs_dir, released)
     (out_dir / "REPORT.md").write_text(markdown)
     runs.write_json(out_dir / "summary.json", {"rows": rows, "tsweep": {w: {str(t): e for t, e in s.items()} for w, s in sweep.items()}})
     print_report(rows, sweep, console)
     return out_dir / "REPORT.md"
 
 
-def render_markdown(rows: list[dict], sweep: dict, runs_dir: Path) -> str:
+def released_teacher_results(prefix: str) -> dict[str, dict]:
+    """The released teachers <prefix>-s1, -s2, ... as the report's teacher, teacher-s2, ... runs (checksums verified)."""
+    import re
+
+    found = {}
+    base = Path(prefix)
+    for folder in sorted(base.parent.glob(f"{base.name}-s*"), key=lambda p: p.name):
+        seed = re.fullmatch(re.escape(base.name) + r"-s(\d+)", folder.name)
+        if not seed or not teachers.is_released(folder):
+            continue
+        teachers.verify(folder)
+        result = runs.read_result(folder)
+        if result is not None:
+            result["command_line"] = relative_to_cwd(result.get("command_line", ""))
+            found["teacher" if seed.group(1) == "1" else f"teacher-s{seed.group(1)}"] = result
+    if not found:
+        raise runs.RunError(f"no released teachers {prefix}-s1, -s2, ...: kdcli teachers lists those there are")
+    return found
+
+
+def render_markdown(rows: list[dict], sweep: dict, runs_dir: Path, released: str | None = None) -> str:
+    teacher_source = f" (the teacher row: the released teachers `{released}-s*`)" if released else ""
     lines = [
         "# kdcli vs Hinton, Vinyals & Dean (2015): MNIST",
         "",
-        f"Built by `kdcli report` from the `result.json` files under `{relative_to_cwd(f'{runs_dir}/')}`. Test errors out of",
+        f"Built by `kdcli report` from the `result.json` files under `{relative_to_cwd(f'{runs_dir}/')}`{teacher_source}. "
+        "Test errors out of",
         "10,000 (mean [min–max] over seeds); speech rows of the paper are the analogue kdcli mirrors on MNIST.",
+        f"Best public reproduction: {PUBLIC_SOURCE}. Transfer set: what the student learned from; the paper's",
+        "MNIST transfer set is unjittered (the student \"regularized solely by adding the additional task of matching",
+        "the soft targets\"), the public reproductions' is jittered.",
         "",
-        "| experiment | paper | kdcli | seeds | config | command |",
-        "|---|---|---|---|---|---|",
+        "| experiment | paper | best public | kdcli | seeds | transfer set | config | command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['experiment']} | {r['paper']} | {r['kdcli']} | {r['seeds']} | `{r['config']}` | `{r['command']}` |")
+        lines.append(f"| {r['experiment']} | {r['paper']} | {r.get('public', '—')} | {r['kdcli']} | {r['seeds']} | "
+                     f"{r.get('transfer') or '—'} | `{r['config']}` | `{r['command']}` |")
     if sweep:
         temps = sorted({t for by_t in sweep.values() for t in by_t})
         lines += ["", f"## Temperature sweep (paper: {TSWEEP_PAPER})", "",

@@ -208,3 +208,19 @@ def load_any(spec: str | Path) -> tuple[StackedMLP, dict]:
     if path.is_dir() and is_released(path):
         return load(path)
     return runs.load_model(path)
+
+
+def compare(runs_dir: Path, release: str = DEFAULT) -> list[dict]:
+    """Each released seed of `release` beside the teacher retrained from its recipe under runs_dir
+    (runs/teacher for seed 1, runs/teacher-sN for seed N): their test errors."""
+    released_folders = [f for f in released() if re.fullmatch(re.escape(release) + r"-s\d+", f.name)]
+    if not released_folders:
+        raise runs.RunError(f"no released teachers named {release}-sN (kdcli teachers lists them)")
+    rows = []
+    for folder in sorted(released_folders, key=lambda f: int(f.name.rsplit("-s", 1)[1])):
+        seed = int(folder.name.rsplit("-s", 1)[1])
+        run = Path(runs_dir) / ("teacher" if seed == 1 else f"teacher-s{seed}")
+        mine = runs.read_result(run) if run.is_dir() else None
+        rows.append({"seed": seed, "released": describe(folder)["test_errors"], "run": str(run),
+                     "retrained": ((mine or {}).get("test") or {}).get("n_errors")})
+    return rows

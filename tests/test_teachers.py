@@ -112,3 +112,40 @@ def test_release_refuses_blind_runs_unfinished_runs_and_a_second_release(release
     (blind / "result.json").unlink()
     assert "finished" in one_line_error(kdcli("release-teacher", blind, "--name", "x-s1"))
     assert "release name" in one_line_error(kdcli("release-teacher", teacher_run, "--name", "../x"))
+
+
+def test_teachers_compare_shows_released_and_retrained_errors_seed_by_seed(released, teacher_run):
+    shutil.copytree(teacher_run, "runs/teacher")
+    expected = json.loads((teacher_run / "result.json").read_text())["test"]["n_errors"]
+    assert teachers.compare(teachers.Path("runs"), "mnist-1200") == [
+        {"seed": 1, "released": expected, "retrained": expected, "run": "runs/teacher"}]
+    result = kdcli("teachers", "--compare", "runs", "--release", "mnist-1200")
+    assert result.exit_code == 0 and "+0" in result.stdout, result.output
+    assert "no released teachers" in one_line_error(kdcli("teachers", "--compare", "runs", "--release", "other"))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_paper_smoke_builds_on_released_teachers(teacher_run, tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    for seed in (1, 2):  # one smoke teacher stands in for each released seed
+        assert kdcli("release-teacher", teacher_run, "--name", f"smoke-s{seed}", "--into", tmp_path / "teachers").exit_code == 0
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    command = ["make", "--no-print-directory", "paper", "SEEDS=2", "EXP=experiments/smoke", f"RUNS={runs}",
+               f"RESULTS={results}", f"TEACHERS_DIR={tmp_path / 'teachers'}", "RELEASE=smoke",
+               f"KDCLI={sys.executable} -m kdcli", f"KDCLI_DATA_DIR={data_dir}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "experiments/smoke/teacher.yaml" not in done.stdout  # no teacher is trained
+    assert not (runs / "teacher").exists()
+    for run, seed in (("distill", 1), ("distill-s2", 2), ("omit-3-s2", 2), ("only-7-8-s2", 2)):
+        config = json.loads((runs / run / "result.json").read_text())["config"]
+        assert config["teacher"] == str(tmp_path / "teachers" / f"smoke-s{seed}"), run
+    report = (results / "REPORT.md").read_text()
+    teacher_row = next(line for line in report.splitlines() if line.startswith("| teacher 784-1200-1200-10"))
+    test = json.loads((teacher_run / "result.json").read_text())["test"]
+    expected = test["n_errors"] * 10000 / test["n_examples"]
+    assert f"| {expected:.1f} [{expected:.0f}–{expected:.0f}] | 2 |" in teacher_row and "| 58 (no max-norm) |" in teacher_row
+    distilled = next(line for line in report.splitlines() if line.startswith("| student distilled at T = 20"))
+    assert "| unjittered |" in distilled
