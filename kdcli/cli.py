@@ -673,6 +673,40 @@ def evaluate_run(
             out.print(f"wrote [cyan]{json_out}[/]")
 
 
+@app.command("softness")
+def softness_command(
+    run: Annotated[Path, typer.Argument(help="Run directory, checkpoint or released teacher.", show_default=False)],
+    temperature: Annotated[Optional[list[float]], typer.Option(
+        "--T", "-T", help="Temperatures (repeatable).", show_default=False)] = None,
+    data_dir: DataDirOpt = None, device: DeviceOpt = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+):
+    """How soft a teacher's outputs are on its training images: mean entropy, top probability and the mass
+    on the other classes, at each T. Reads no test image.
+
+    Example: [bold]kdcli softness runs/teacher --T 1 --T 20[/]
+    """
+    from rich.table import Table
+
+    from .report import softness_of_run
+
+    with user_errors():
+        temps = temperature or [1.0, 20.0]
+        if any(t <= 0 for t in temps):
+            raise UsageProblem(f"--T must be > 0, got {', '.join(f'{t:g}' for t in temps)}")
+        result = softness_of_run(run, temps, data_dir=data_dir, device=device)
+        table = Table(title=f"softness of {run} on its {result['n_images']:,} training images")
+        for column in ("T", "entropy (nats)", "top probability", "mass on the other classes"):
+            table.add_column(column, justify="right")
+        for s in result["softness"]:
+            table.add_row(f"{s['temperature']:g}", f"{s['entropy_nats']:.4f}", f"{s['top_probability']:.4f}",
+                          f"{s['other_mass']:.4f}")
+        out.print(table)
+        if json_out:
+            runs.write_json(json_out, result)
+            out.print(f"wrote [cyan]{json_out}[/]")
+
+
 @app.command("bench")
 def bench(
     data_dir: DataDirOpt = None,

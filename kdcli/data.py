@@ -151,7 +151,10 @@ def load_dataset(cfg: Config, device: torch.device) -> Dataset:
     paths = locate(cfg.dataset, cfg.data_dir)
     log.info("%s from %s", cfg.dataset, paths["train_x"].parent)
     train_x, train_y = read_split(paths, "train")
-    test_x, test_y = read_split(paths, "test")
+    if cfg.test_eval:
+        test_x, test_y = read_split(paths, "test")
+    else:  # a blind run never opens the test files
+        test_x, test_y = train_x[:0], train_y[:0]
     if cfg.val_size >= len(train_x):
         raise DataError(f"val_size {cfg.val_size} leaves no training data ({len(train_x)} images)")
     # The validation split is the *last* val_size training images, taken
@@ -163,8 +166,6 @@ def load_dataset(cfg: Config, device: torch.device) -> Dataset:
         train_x, train_y = train_x[: cfg.train_limit], train_y[: cfg.train_limit]
     if cfg.test_limit:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
-    if not cfg.test_eval:  # a blind run: no code path downstream can score the test images
-        test_x, test_y = test_x[:0], test_y[:0]
     if cfg.train_subset:
         keep = stratified_subset(train_y, cfg.train_subset, cfg.subset_seed)
         train_x, train_y = train_x[keep], train_y[keep]

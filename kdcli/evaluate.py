@@ -78,3 +78,14 @@ def agreement(log_probs: torch.Tensor, reference_log_probs: torch.Tensor) -> dic
     kl = F.kl_div(log_probs, reference_log_probs, reduction="batchmean", log_target=True).item() if n else math.nan
     return {"n_examples": n, "n_disagree": disagree, "agreement": round(1 - disagree / n, 6) if n else math.nan,
             "kl_from_reference": round(kl, 6)}
+
+
+def softness(logits: torch.Tensor, temperature: float) -> dict:
+    """How soft a model's outputs are at temperature T, over images (n, classes) of logits: the mean
+    entropy (nats; uniform over 10 classes is 2.303), the mean top probability, and the mean
+    probability left for the nine other classes, which is what soft targets carry beyond the label."""
+    log_p = (logits / temperature).log_softmax(-1)
+    p = log_p.exp()
+    top = p.max(-1).values
+    return {"temperature": temperature, "entropy_nats": round(float(-(p * log_p).sum(-1).mean()), 6),
+            "top_probability": round(float(top.mean()), 6), "other_mass": round(float((1 - top).mean()), 6)}

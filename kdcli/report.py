@@ -67,6 +67,29 @@ def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: st
     return result
 
 
+def softness_of_run(run: str | Path, temperatures: list[float], data_dir: str | None = None,
+                    device: str | None = None) -> dict:
+    """How soft a model's outputs are on its own training images (a teacher's transfer set), at each
+    temperature. Reads no test image, so it may be run on a blind search's teachers before a decision."""
+    from .evaluate import softness
+    from .train import pick_device
+
+    model, payload = teachers.load_any(run)
+    saved = dict(payload.get("config") or {})
+    keep = ("dataset", "val_size", "train_limit", "train_subset", "subset_seed")
+    cfg = make_config({**{k: saved[k] for k in keep if saved.get(k) is not None},
+                       "data_dir": data_dir if data_dir is not None else saved.get("data_dir"),
+                       "device": device or "auto", "test_eval": False}, source=f"{run}")
+    torch_device = pick_device(cfg.device)
+    data = load_dataset(cfg, torch_device)
+    model.to(torch_device)
+    if model.members > 1:
+        raise runs.RunError(f"{run} is a stack of {model.members} models: softness is measured for one model")
+    logits = predict(model, data.train_x)[0]
+    return {"run": str(run), "dataset": cfg.dataset, "n_images": len(data.train_x),
+            "softness": [softness(logits, t) for t in temperatures]}
+
+
 def per_class_table(per_class_errors: list[int], per_class_count: list[int] | None = None) -> Table:
     table = Table(title="per-class test errors", show_header=True)
     table.add_column("class")

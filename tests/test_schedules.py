@@ -116,3 +116,44 @@ def test_every_search_experiment_is_blind():
     for path in sorted(search.glob("*.yaml")):
         loader = load_sweep if "grid" in read_yaml(path, allow_grid=True) else lambda p: [load_config(p)]
         assert all(not cfg.test_eval for cfg in loader(path)), f"{path.name} computes test errors"
+
+
+def test_a_blind_run_never_opens_the_test_files(synthetic_dir, tmp_path, monkeypatch):
+    import kdcli.data as data_module
+
+    read = data_module.read_split
+
+    def train_only(paths, split):
+        assert split != "test", "a blind run opened the test files"
+        return read(paths, split)
+
+    monkeypatch.setattr(data_module, "read_split", train_only)
+    run_training(config(synthetic_dir, tmp_path, val_size=200, test_eval=False), "train-teacher")
+
+
+def test_softness_by_hand():
+    from kdcli.evaluate import softness
+
+    uniform = softness(torch.zeros(4, 10), 1.0)
+    assert uniform["entropy_nats"] == pytest.approx(2.302585, abs=1e-6)
+    assert (uniform["top_probability"], uniform["other_mass"]) == pytest.approx((0.1, 0.9))
+    # logits log(9) on one class, 0 on nine: p = 1/2 there, 1/18 each elsewhere; T = 2 halves the logits
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = torch.log(torch.tensor(9.0))
+    assert softness(logits, 1.0)["top_probability"] == pytest.approx(0.5)
+    assert softness(logits, 2.0)["top_probability"] == pytest.approx(3 / 12)
+
+
+def test_kdcli_softness_reads_the_training_images_only(synthetic_dir, tmp_path, monkeypatch):
+    run_training(config(synthetic_dir, tmp_path, val_size=200), "train-teacher")
+    import kdcli.data as data_module
+
+    read = data_module.read_split
+    monkeypatch.setattr(data_module, "read_split", lambda paths, split: read(paths, split) if split == "train"
+                        else pytest.fail("softness opened the test files"))
+    result = kdcli("softness", tmp_path / "run", "--T", "1", "--T", "20", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["n_images"] == 400 and [s["temperature"] for s in saved["softness"]] == [1.0, 20.0]
+    assert saved["softness"][1]["entropy_nats"] > saved["softness"][0]["entropy_nats"]
+    assert "must be > 0" in one_line_error(kdcli("softness", tmp_path / "run", "--T", "0"))
