@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import yaml
 from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import runs, teachers
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, check_key, check_type, load_config
 from .data import DataError
 from .train import Diverged, Hooks
 
@@ -101,6 +102,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a finished run directory.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Diagnostic logging.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Any config field, typed as in YAML: --set key=value (repeatable), e.g. --set jitter=2 "
+    "--set test_eval=false --set hidden=[1200,1200].", show_default=False)]
 BiasShiftOpt = Annotated[Optional[list[str]], typer.Option(
     "--bias-shift", help="Add to output biases, e.g. 3=+3.5 or 7=-7.6,8=-7.6 (repeatable).", show_default=False)]
 
@@ -155,9 +159,34 @@ def setup_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def resolve(config_path: Optional[Path], default_file: str, **flags) -> Config:
+def parse_sets(items: list[str] | None) -> dict:
+    """--set key=value pairs: each key a Config field (with YAML's "did you mean"), each value read as YAML
+    and checked against the field's type."""
+    values = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        check_key(key, "--set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot read '{raw}' as a value") from None
+        if key in values and values[key] != value:
+            raise ConfigError(f"--set {key} is given twice, with different values")
+        values[key] = check_type(key, value, "--set")
+    return values
+
+
+def resolve(config_path: Optional[Path], default_file: str, sets: list[str] | None = None, **flags) -> Config:
+    """defaults < the experiment file < flags and --set (a field given by both must agree)."""
     path = config_path or default_experiment(default_file)
-    return load_config(path, flag_overrides(**flags))
+    overrides, explicit = flag_overrides(**flags), parse_sets(sets)
+    for key, value in explicit.items():
+        if key in overrides and overrides[key] != value:
+            raise UsageProblem(f"'{key}' is given both as --{key.replace('_', '-')} and with --set")
+    return load_config(path, overrides, explicit)
 
 
 def check_run_dir(cfg: Config, resume: bool, force: bool) -> None:
@@ -333,7 +362,7 @@ def epoch_status(record: dict, epochs: int) -> str:
 def train_teacher(
     config: ConfigOpt = None, epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None,
-    out_dir: OutOpt = None,
+    out_dir: OutOpt = None, sets: SetOpt = None,
     name: NameOpt = None, hidden: HiddenOpt = None, dataset: DatasetOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
@@ -343,7 +372,7 @@ def train_teacher(
     (the unregularised baseline: [bold]kdcli train-teacher -c experiments/student.yaml[/])
     """
     with user_errors():
-        cfg = resolve(config, "teacher.yaml", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+        cfg = resolve(config, "teacher.yaml", sets, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                       precision=precision, data_dir=data_dir, out=out_dir, name=name, hidden=hidden, dataset=dataset)
         if cfg.teacher:
             raise UsageProblem("train-teacher trains on hard labels; use kdcli distill for an experiment with a teacher")
@@ -358,6 +387,7 @@ def distill(
     name: NameOpt = None,
     hidden: HiddenOpt = None, combine: Annotated[Optional[str], typer.Option("--combine", help="Ensemble teacher: mean_probs or mean_logits.")] = None,
     match: MatchOpt = None,
+    sets: SetOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Train a student on a teacher's temperature-softened outputs.
@@ -365,7 +395,7 @@ def distill(
     Example: [bold]kdcli distill --T 20[/] (default experiment, teacher runs/teacher)
     """
     with user_errors():
-        cfg = resolve(config, "distill.yaml", temperature=temperature, alpha=alpha, epochs=epochs,
+        cfg = resolve(config, "distill.yaml", sets, temperature=temperature, alpha=alpha, epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, teacher=teacher, device=device, data_dir=data_dir,
                       out=out_dir, name=name, hidden=hidden, combine=combine, match=match, precision=precision)
         if not dry_run:
@@ -381,6 +411,7 @@ def train_ensemble(
     device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
     name: NameOpt = None,
     hidden: HiddenOpt = None, dataset: DatasetOpt = None,
+    sets: SetOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Train K models together (stacked, one batched forward/backward).
@@ -390,7 +421,7 @@ def train_ensemble(
     with user_errors():
         if members is not None and members < 1:
             raise UsageProblem(f"--members must be at least 1, got {members}")
-        cfg = resolve(config, "ensemble.yaml", members=members, epochs=epochs, batch_size=batch_size, lr=lr,
+        cfg = resolve(config, "ensemble.yaml", sets, members=members, epochs=epochs, batch_size=batch_size, lr=lr,
                       seed=seed, device=device, data_dir=data_dir, out=out_dir, name=name, hidden=hidden,
                       dataset=dataset, precision=precision)
         train_command("train-ensemble", cfg, resume, force, dry_run, verbose)
@@ -407,6 +438,7 @@ def train_specialists(
     epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
     name: NameOpt = None,
+    sets: SetOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Train specialists on the classes a generalist confuses; combine them with it by the paper's KL rule (§5).
@@ -417,7 +449,7 @@ def train_specialists(
     from .config import validate
 
     with user_errors():
-        cfg = resolve(config, "specialists-fashion.yaml", generalist=generalist, epochs=epochs, batch_size=batch_size,
+        cfg = resolve(config, "specialists-fashion.yaml", sets, generalist=generalist, epochs=epochs, batch_size=batch_size,
                       lr=lr, seed=seed, device=device, precision=precision, data_dir=data_dir, out=out_dir, name=name)
         if n_clusters is not None:  # the flag wins over clusters listed in the file
             cfg = dataclasses.replace(cfg, n_clusters=n_clusters, clusters=None)
@@ -437,6 +469,7 @@ def sweep(
     config: ConfigOpt = None, teacher: TeacherOpt = None, epochs: EpochsOpt = None, seed: SeedOpt = None,
     device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder for the sweep's runs (default runs).")] = None,
+    sets: SetOpt = None,
     force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Run every point of a grid experiment; finished points are kept, interrupted ones resumed.
@@ -447,8 +480,9 @@ def sweep(
 
     with user_errors():
         path = config or default_experiment("tsweep.yaml")
-        configs = load_sweep(path, flag_overrides(teacher=teacher, epochs=epochs, seed=seed, device=device,
-                                                  precision=precision, data_dir=data_dir))
+        overrides = flag_overrides(teacher=teacher, epochs=epochs, seed=seed, device=device, precision=precision,
+                                   data_dir=data_dir)
+        configs = load_sweep(path, overrides, parse_sets(sets))
         if out_dir:
             configs = [dataclasses.replace(c, out=str(Path(out_dir) / c.name)) for c in configs]
         for cfg in configs:
@@ -526,6 +560,7 @@ def omit_class(
     device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None, out_dir: OutOpt = None,
     name: NameOpt = None,
     hidden: HiddenOpt = None, match: MatchOpt = None,
+    sets: SetOpt = None,
     resume: ResumeOpt = False, force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Distil with digits missing from the transfer set, then correct the student's output biases.
@@ -537,7 +572,7 @@ def omit_class(
     with user_errors():
         user_shifts = omit.parse_bias_shifts(bias_shift) if bias_shift else None
         selection = omit.digit_overrides(digit, digits, keep)
-        cfg = resolve(config, omit.experiment_file(selection), **selection, temperature=temperature, alpha=alpha,
+        cfg = resolve(config, omit.experiment_file(selection), sets, **selection, temperature=temperature, alpha=alpha,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher, device=device,
                       data_dir=data_dir, out=out_dir, name=name or omit.run_name(selection), hidden=hidden,
                       match=match, precision=precision)

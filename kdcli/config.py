@@ -114,14 +114,16 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
 
-def load_config(path: str | Path | None, overrides: dict | None = None) -> Config:
-    """Merge defaults < YAML file < overrides, check every value, return the config."""
+def load_config(path: str | Path | None, overrides: dict | None = None, explicit: dict | None = None) -> Config:
+    """Merge defaults < YAML file < overrides, check every value, return the config.
+    In `overrides` (flags) None means "not given"; `explicit` values (--set) apply as they are, null included."""
     values = read_yaml(Path(path)) if path else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(explicit or {})
     return make_config(values, source=str(path) if path else "flags")
 
 
-def load_sweep(path: str | Path, overrides: dict | None = None) -> list[Config]:
+def load_sweep(path: str | Path, overrides: dict | None = None, explicit: dict | None = None) -> list[Config]:
     """An experiment file with a `grid:` mapping (key -> list of values) gives
     one config per combination, named <name>-<value>[-<value>...]."""
     values = read_yaml(Path(path), allow_grid=True)
@@ -129,6 +131,7 @@ def load_sweep(path: str | Path, overrides: dict | None = None) -> list[Config]:
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: a sweep needs 'grid:' mapping keys to non-empty lists of values")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(explicit or {})
     configs = []
     for combination in itertools.product(*grid.values()):
         point = dict(values, **dict(zip(grid, combination)))
