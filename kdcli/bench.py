@@ -16,7 +16,8 @@ from rich.table import Table
 from .config import make_config
 from .data import load_dataset
 from .models import arch_from_config, build_model, member_seeds
-from .train import TransferSet, check_precision, fit, pick_device, teacher_targets
+from .device import pick_device
+from .train import TransferSet, check_precision, fit, teacher_targets
 
 TEACHER = dict(hidden=[1200, 1200], dropout_input=0.2, dropout_hidden=0.5, max_norm=3.5, jitter=2,
                optimizer="sgd", lr=0.1)

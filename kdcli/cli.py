@@ -26,10 +26,13 @@ from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import runs, teachers
-from .config import Config, ConfigError, check_key, check_type, load_config
-from .data import DataError
-from .train import Diverged, Hooks
+from . import omit, report, runs, specialists, teachers, train
+from .bench import run_bench
+from .config import Config, check_key, check_type, load_config, load_sweep, validate
+from .errors import ConfigError, DataError, Diverged, RunError, UsageProblem
+from .omit import parse_bias_shifts
+from .report import build_report, curve_series, evaluate_checkpoint, plot_curves, print_eval, runs_table, softness_of_run
+from .train import Hooks
 
 
 
@@ -74,8 +77,6 @@ log = logging.getLogger("kdcli")
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-class UsageProblem(Exception):
-    """A user-fixable problem found by the CLI itself (exit 2)."""
 
 
 # --- options shared by the training commands (declared once) -----------------
@@ -128,13 +129,9 @@ def user_errors():
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
-    except (ConfigError, DataError, runs.RunError, UsageProblem) as problem:
+    except (ConfigError, DataError, RunError, UsageProblem) as problem:
         err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2)
-    except Diverged as problem:
-        err.print(f"[bold red]error:[/] {problem}; the last good epoch is kept in the run directory. "
-                  "Try a lower --lr, or a lower temperature.", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1)
     except OSError as problem:  # unwritable directory, full disk: finished files are renamed in atomically
         where = f"{problem.filename}: " if problem.filename else ""
         err.print(f"[bold red]error:[/] {where}{problem.strerror or problem}", highlight=False, soft_wrap=True)
@@ -275,9 +272,6 @@ def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run:
                   trainer=None, printer=None) -> dict | None:
     """What every training command does once its config is resolved; the result, or None on a dry run.
     trainer and printer default to train.run_training and report.print_result."""
-    from .report import print_result
-    from .train import run_training
-
     setup_logging(verbose)
     if dry_run:
         out.print(describe_plan(cfg, command, resume, force), highlight=False)
@@ -287,7 +281,7 @@ def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run:
     command_line = shlex.join(["kdcli", *sys.argv[1:]])
     try:
         with training_progress(cfg) as hooks:
-            result = (trainer or run_training)(cfg, command, hooks, resume=resume, command_line=command_line)
+            result = (trainer or train.run_training)(cfg, command, hooks, resume=resume, command_line=command_line)
     except KeyboardInterrupt:
         if (cfg.run_dir / runs.RESUME).is_file():
             err.print(f"interrupted: the last finished epoch is saved in {cfg.run_dir / runs.RESUME}; "
@@ -304,7 +298,7 @@ def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run:
                 else "no epoch had finished, so nothing was kept")
         err.print(f"[bold red]error:[/] {problem}: {hint}; {kept}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
-    (printer or print_result)(result, out)
+    (printer or report.print_result)(result, out)
     out.print(f"run directory: [cyan]{cfg.run_dir}[/]")
     check_expectation(cfg, result)
     return result
@@ -445,9 +439,6 @@ def train_specialists(
 
     Example: [bold]kdcli train-specialists -c experiments/specialists-fashion.yaml --generalist runs/generalist-fashion[/]
     """
-    from . import specialists
-    from .config import validate
-
     with user_errors():
         cfg = resolve(config, "specialists-fashion.yaml", sets, generalist=generalist, epochs=epochs, batch_size=batch_size,
                       lr=lr, seed=seed, device=device, precision=precision, data_dir=data_dir, out=out_dir, name=name)
@@ -476,8 +467,6 @@ def sweep(
 
     Example: [bold]kdcli sweep -c experiments/tsweep.yaml[/] (students of 800, 300 and 30 units, T from 1 to 20)
     """
-    from .config import load_sweep
-
     with user_errors():
         path = config or default_experiment("tsweep.yaml")
         overrides = flag_overrides(teacher=teacher, epochs=epochs, seed=seed, device=device, precision=precision,
@@ -497,7 +486,7 @@ def sweep(
 
 
 @app.command("report")
-def report(
+def report_command(
     runs_dir: Annotated[Path, typer.Option("--runs", help="Folder of run directories.")] = Path("runs"),
     results_dir: Annotated[Path, typer.Option("--out", help="Where REPORT.md, summary.json and plots go.")] = Path("results"),
     released: Annotated[Optional[str], typer.Option(
@@ -508,8 +497,6 @@ def report(
 
     Example: [bold]kdcli report[/] (writes results/REPORT.md and results/tsweep.png)
     """
-    from .report import build_report
-
     with user_errors():
         if not runs_dir.is_dir():
             raise UsageProblem(f"no run directory folder at {runs_dir}")
@@ -531,8 +518,6 @@ def curves(
     Example: [bold]kdcli curves runs/teacher runs/distill --out curves.png[/]
     (a stacked run, such as an ensemble or a temperature sweep, draws one thin line per member)
     """
-    from .report import curve_series, plot_curves
-
     with user_errors():
         if out_path.suffix.lower() not in CURVE_FORMATS:
             raise UsageProblem(f"--out must end in {', '.join(CURVE_FORMATS)}, got '{out_path}'")
@@ -567,8 +552,6 @@ def omit_class(
 
     Example: [bold]kdcli omit-class --digit 3 --bias-shift 3=+3.5[/] or [bold]kdcli omit-class --keep 7,8[/]
     """
-    from . import omit
-
     with user_errors():
         user_shifts = omit.parse_bias_shifts(bias_shift) if bias_shift else None
         selection = omit.digit_overrides(digit, digits, keep)
@@ -592,8 +575,6 @@ def list_runs(
 
     Example: [bold]kdcli runs[/] (or [bold]kdcli runs results/old-runs[/])
     """
-    from .report import runs_table
-
     with user_errors():
         if not folder.is_dir():
             raise UsageProblem(f"no folder of run directories at {folder}")
@@ -683,10 +664,6 @@ def evaluate_run(
     (with a bias correction: [bold]kdcli eval runs/omit-3 --bias-shift 3=+3.5[/];
     how closely a student copies its teacher: [bold]kdcli eval runs/distill --against runs/teacher[/])
     """
-    from . import specialists
-    from .omit import parse_bias_shifts
-    from .report import evaluate_checkpoint, print_eval
-
     setup_logging(verbose)
     with user_errors():
         if combine not in ("mean_probs", "mean_logits"):
@@ -723,8 +700,6 @@ def softness_command(
     """
     from rich.table import Table
 
-    from .report import softness_of_run
-
     with user_errors():
         temps = temperature or [1.0, 20.0]
         if any(t <= 0 for t in temps):
@@ -753,8 +728,6 @@ def bench(
 
     Example: [bold]kdcli bench --seconds 10[/] (bfloat16 matmuls: [bold]kdcli bench --precision bf16[/])
     """
-    from .bench import run_bench
-
     with user_errors():
         run_bench(data_dir=data_dir, seconds=seconds, ensemble=ensemble, console=out, precision=precision)
 

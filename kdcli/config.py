@@ -35,8 +35,7 @@ CHOICES = {
 }
 
 
-class ConfigError(ValueError):
-    """A problem with the experiment a user can fix; its message is one line."""
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

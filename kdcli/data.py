@@ -38,8 +38,7 @@ IMAGE_SIDE = 28
 log = logging.getLogger(__name__)
 
 
-class DataError(RuntimeError):
-    """A missing or broken data file; the message is one line naming the file."""
+from .errors import DataError
 
 
 @dataclass

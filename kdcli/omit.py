@@ -32,8 +32,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import runs
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .data import load_dataset
+from .device import pick_device
 from .evaluate import combine_logits, predict, shift_biases, summarize
 
 # the 1-D search: a common shift of the omitted digits' biases goes up,
@@ -271,8 +273,6 @@ def correct_run(cfg: Config, user_shifts: dict[int, float] | None = None) -> dic
     """Fit and record the bias correction of a finished omit-class run.
 
     Adds result.json["bias_correction"] and writes bias.png into the run directory."""
-    from .train import pick_device
-
     run_dir = cfg.run_dir
     result = runs.read_result(run_dir)
     if result is None:

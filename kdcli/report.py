@@ -14,7 +14,8 @@ from rich.table import Table
 from . import runs, teachers
 from .config import make_config
 from .data import load_dataset
-from .evaluate import agreement, combine_logits, predict, summarize
+from .device import pick_device
+from .evaluate import agreement, combine_logits, predict, shift_biases, softness, summarize
 
 
 def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: str | None = None,
@@ -22,9 +23,6 @@ def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: st
                         against: str | Path | None = None) -> dict:
     """Rebuild a model from its checkpoint alone and count its test errors; with
     `against` (another run, e.g. the teacher), also how closely it agrees with it."""
-    from .evaluate import shift_biases
-    from .train import pick_device
-
     model, payload = teachers.load_any(run)  # a run, a checkpoint, or a released teacher by name
     saved = dict(payload.get("config") or {})
     if against is not None:
@@ -71,9 +69,6 @@ def softness_of_run(run: str | Path, temperatures: list[float], data_dir: str | 
                     device: str | None = None) -> dict:
     """How soft a model's outputs are on its own training images (a teacher's transfer set), at each
     temperature. Reads no test image, so it may be run on a blind search's teachers before a decision."""
-    from .evaluate import softness
-    from .train import pick_device
-
     model, payload = teachers.load_any(run)
     saved = dict(payload.get("config") or {})
     keep = ("dataset", "val_size", "train_limit", "train_subset", "subset_seed")

@@ -45,12 +45,7 @@ STATUS = "status.json"
 STATES = ("running", "finished", "interrupted", "failed", "incomplete")
 
 
-class RunError(RuntimeError):
-    """A missing, broken or mismatched run directory or checkpoint (one line)."""
-
-
-class WriteError(RunError):
-    """A file could not be written (no permission, full disk); the previous version is intact."""
+from .errors import Diverged, RunError, WriteError
 
 
 def first_line(err: BaseException, limit: int = 120) -> str:
@@ -275,8 +270,6 @@ def run_status(run_dir: Path) -> str:
 def recording_status(run_dir: Path, command: str, command_line: str, saved_epoch: int = 0):
     """status.json says running while the block runs, then how it ended and the
     last epoch saved in resume.pt (the block sets progress["saved_epoch"])."""
-    from .train import Diverged  # train imports this module
-
     owner = running_pid(run_dir)
     if owner is not None:
         raise RunError(f"{run_dir} is being trained by process {owner}: wait for it, or stop it first")

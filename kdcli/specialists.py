@@ -59,11 +59,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import runs, teachers
-from .config import Config, ConfigError, validate
+from .config import Config, make_config, validate
+from .errors import ConfigError
 from .data import Dataset, load_dataset
 from .evaluate import predict, summarize
 from .models import N_CLASSES, StackedMLP, build_model
-from .train import Hooks, Recipe, TransferSet, fit, pick_device, run_training
+from .device import pick_device
+from .train import Hooks, Recipe, TransferSet, fit, run_training
 
 log = logging.getLogger(__name__)
 
@@ -644,8 +646,6 @@ def is_specialists_run(run: str | Path) -> bool:
 
 def evaluate_run(run: str | Path, data_dir: str | None = None, device: str | None = None) -> dict:
     """Rebuild the generalist and the specialists from the run's checkpoint alone and compare them on the test set."""
-    from .config import make_config
-
     model, payload = runs.load_model(run)
     section = payload["specialists"]
     try:

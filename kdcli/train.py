@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import platform
 import random
 import shlex
 import sys
@@ -26,22 +25,15 @@ import numpy as np
 import torch
 
 from . import runs, teachers
-from .config import Config, ConfigError, member_temperatures
+from .config import Config, member_temperatures
+from .device import device_name, pick_device
+from .errors import ConfigError, Diverged
 from .data import Dataset, class_filter, jitter, load_dataset
 from .evaluate import combine_logits, count_errors, predict, summarize
 from .losses import distillation_loss, soft_targets
 from .models import StackedMLP, arch_from_config, build_model, member_seeds, stack_models
 
 log = logging.getLogger(__name__)
-
-
-class Diverged(RuntimeError):
-    """Training broke down (the loss became NaN or infinite, or the network died);
-    the state of the last good epoch is kept."""
-
-    def __init__(self, epoch: int, step: int, what: str = "loss became NaN or infinite"):
-        super().__init__(f"{what} at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
 
 
 def dead_members(logits: torch.Tensor) -> list[int]:
@@ -62,29 +54,6 @@ def died(members: list[int], stack_size: int) -> str:
     if stack_size == 1:
         return "the network died (it gives every image the same output)"
     return f"member {', '.join(map(str, members))} of the stack died (it gives every image the same output)"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def device_name(device: torch.device) -> str:
-    """The hardware a run's timings were measured on: the GPU's name, else the CPU's model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine() or device.type
 
 
 def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
