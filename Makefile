@@ -16,7 +16,8 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export KDCLI_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: install test smoke bench gpu-check bench-runs paper teacher teachers student distill tsweep data3pct report clean ensembles jitter
+
+.PHONY: install test smoke bench gpu-check bench-runs paper teacher teachers student distill tsweep data3pct report clean ensembles jitter specialists specialists-fashion specialists-mnist omit3 only78 clean-runs
 
 # Paper reproduction: each run is a file target on its result.json, so an
 # interrupted `make paper` picks up where it stopped (an interrupted run resumes).
@@ -76,7 +77,6 @@ ensembles: \
 
 # §5 analogue (issue 7): a generalist per dataset, then specialists on the classes it confuses, 3 seeds each;
 # `make specialists-fashion` alone is the issue's goal (Fashion-MNIST), `make specialists` adds MNIST and the report.
-.PHONY: specialists specialists-fashion specialists-mnist
 SPECIALIST_SEEDS := 1 2 3
 $(foreach d,fashion mnist,$(foreach s,$(SPECIALIST_SEEDS),$(eval $(call RUN,generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s)),train-teacher,generalist-$(d),--seed $(s),))))
 $(foreach d,fashion mnist,$(foreach s,$(SPECIALIST_SEEDS),$(eval $(call RUN,specialists-$(d)$(if $(filter-out 1,$(s)),-s$(s)),train-specialists,specialists-$(d),--seed $(s) --generalist $(RUNS)/generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s)),$(RUNS)/generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s))/result.json))))
@@ -106,22 +106,22 @@ $(BIN)/kdcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) -e '.[test]'
 
-test:
+test: install
 	$(BIN)/pytest tests
 
-# every command end to end on tiny experiments (about a minute on CPU)
+# every command end to end on tiny experiments (about a minute on CPU), into $(RUNS)/smoke-*
 smoke:
-	$(KDCLI) train-teacher -c experiments/smoke/teacher.yaml --force
-	$(KDCLI) train-teacher -c experiments/smoke/student.yaml --force
-	$(KDCLI) distill -c experiments/smoke/distill.yaml --force
-	$(KDCLI) train-ensemble -c experiments/smoke/ensemble.yaml --force
-	$(KDCLI) omit-class -c experiments/smoke/omit-3.yaml --bias-shift 3=+3.5 --force
-	$(KDCLI) omit-class -c experiments/smoke/only-7-8.yaml --force
-	$(KDCLI) eval runs/smoke-distill
-	$(KDCLI) eval runs/smoke-omit-3 --bias-shift 3=+3.5
-	$(KDCLI) train-teacher -c experiments/smoke/generalist-fashion.yaml --force
-	$(KDCLI) train-specialists -c experiments/smoke/specialists-fashion.yaml --force
-	$(KDCLI) eval runs/smoke-specialists-fashion
+	$(KDCLI) train-teacher -c experiments/smoke/teacher.yaml --out $(RUNS)/smoke-teacher --force
+	$(KDCLI) train-teacher -c experiments/smoke/student.yaml --out $(RUNS)/smoke-student --force
+	$(KDCLI) distill -c experiments/smoke/distill.yaml --teacher $(RUNS)/smoke-teacher --out $(RUNS)/smoke-distill --force
+	$(KDCLI) train-ensemble -c experiments/smoke/ensemble.yaml --out $(RUNS)/smoke-ensemble --force
+	$(KDCLI) omit-class -c experiments/smoke/omit-3.yaml --teacher $(RUNS)/smoke-teacher --bias-shift 3=+3.5 --out $(RUNS)/smoke-omit-3 --force
+	$(KDCLI) omit-class -c experiments/smoke/only-7-8.yaml --teacher $(RUNS)/smoke-teacher --out $(RUNS)/smoke-only-7-8 --force
+	$(KDCLI) eval $(RUNS)/smoke-distill
+	$(KDCLI) eval $(RUNS)/smoke-omit-3 --bias-shift 3=+3.5
+	$(KDCLI) train-teacher -c experiments/smoke/generalist-fashion.yaml --out $(RUNS)/smoke-generalist-fashion --force
+	$(KDCLI) train-specialists -c experiments/smoke/specialists-fashion.yaml --generalist $(RUNS)/smoke-generalist-fashion --out $(RUNS)/smoke-specialists-fashion --force
+	$(KDCLI) eval $(RUNS)/smoke-specialists-fashion
 
 bench:
 	$(KDCLI) bench
@@ -147,14 +147,17 @@ bench-runs:
 	  'for k in 0 1 2 3 4 5 6 7 8 9; do $(KDCLI) train-teacher -c $(EXP)/ensemble-single.yaml --hidden $(BENCH_NET) \
 	  --epochs $(BENCH_EPOCHS) --seed $$((1 + 1000 * k)) --out $(RUNS)/bench-single-$$k --force > /dev/null 2>&1 || exit 1; done'
 
+# what the targets leave outside results/: smoke and bench runs, GPU-check output, build files.
+# The paper's runs (hours of CPU) go only when asked for by name: make clean-runs.
 clean:
-	rm -rf runs/smoke-* runs/bench-*
+	rm -rf $(RUNS)/smoke-* $(RUNS)/bench-* gpu-check runs-gpu results-gpu build kdcli.egg-info .pytest_cache
+clean-runs:
+	rm -rf $(RUNS)
 
 # §3, digits missing from the transfer set: `make omit3`, `make only78` (SEEDS as above: the
 # students' seeds; seed k distils from teacher k, as the distilled row does).
 # The paper's own shifts, chosen on the test set, go in as the user protocol beside the fitted ones;
 # each run's result.json carries the "bias_correction" table and its bias.png goes to $(RESULTS).
-.PHONY: omit3 only78
 $(foreach d,omit-3 omit-3-jitter,$(eval $(call RUN,$(d),omit-class,$(d),--teacher $(call teacher_of,1) --bias-shift 3=+3.5,$(call teacher_dep,1))))
 $(eval $(call RUN,only-7-8,omit-class,only-7-8,--teacher $(call teacher_of,1) --bias-shift 7=-7.6 --bias-shift 8=-7.6,$(call teacher_dep,1)))
 $(foreach d,omit-3 omit-3-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),omit-class,$(d),--seed $(s) --teacher $(call teacher_of,$(s)) --bias-shift 3=+3.5,$(call teacher_dep,$(s))))))

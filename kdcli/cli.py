@@ -28,7 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from . import omit, report, runs, specialists, teachers, train
 from .bench import run_bench
-from .config import Config, check_key, check_type, load_config, load_sweep, validate
+from .config import Config, check_key, check_type, load_config, load_sweep, packaged_experiment, validate
 from .errors import ConfigError, DataError, Diverged, RunError, UsageProblem
 from .omit import parse_bias_shifts
 from .report import build_report, curve_series, evaluate_checkpoint, plot_curves, print_eval, runs_table, softness_of_run
@@ -74,7 +74,6 @@ out = Console()
 err = Console(stderr=True)
 log = logging.getLogger("kdcli")
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 
@@ -111,8 +110,9 @@ BiasShiftOpt = Annotated[Optional[list[str]], typer.Option(
 
 
 def default_experiment(filename: str) -> Path:
+    """A command's default experiment file: ./experiments/<filename> when there, else the one kdcli ships."""
     local = Path("experiments") / filename
-    return local if local.is_file() else EXPERIMENTS / filename
+    return local if local.is_file() else packaged_experiment(filename)
 
 
 def flag_overrides(**flags) -> dict:

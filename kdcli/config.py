@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import itertools
 import types
 import typing
@@ -110,6 +111,16 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def packaged_experiment(filename: str) -> Path:
+    """An experiment file as shipped with kdcli: the package's kdcli/experiments in an installed wheel
+    (the repository's experiments/ folder, mapped there by pyproject.toml), else, in a source checkout or an
+    editable install, that experiments/ folder itself."""
+    try:
+        return Path(str(importlib.resources.files("kdcli.experiments").joinpath(filename)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "experiments" / filename
 _HINTS = typing.get_type_hints(Config)
 
 
