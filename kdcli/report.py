@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import rows as registry
 from . import runs, teachers
 from .config import make_config
 from .data import load_dataset
@@ -184,17 +185,8 @@ def runs_table(rows: list[dict], title: str = "runs") -> Table:
 
 # --- the paper-vs-kdcli report (`kdcli report`) ------------------------------
 
-PAPER_ROWS = [
-    # (run-name stem, experiment, paper's figure, how kdcli's figure is read, unit)
-    ("teacher", "teacher 784-1200-1200-10, dropout + max-norm + ±2 px jitter", "67", "errors"),
-    ("student", "student 784-800-800-10, no regularisation", "146", "errors"),
-    ("distill", "student distilled at T = 20 (transfer set without jitter)", "74", "errors"),
-    ("data3pct-hard", "3% of the data (1,800 images), hard labels", "44.5% (speech, frame accuracy)", "errors"),
-    ("data3pct-hard-es", "3%, hard labels, early stopping on validation", "—", "errors"),
-    ("data3pct-soft", "3%, soft targets from the full-data teacher", "57.0% (speech)", "errors"),
-    ("student", "100% of the data, hard labels (= student row)", "58.9% (speech)", "errors"),
-]
-TSWEEP_PAPER = "≥ 300 units: all T > 8 about equal; 30 units: T in 2.5–4 best"
+PAPER_ROWS = [(r.stem, r.label, r.paper, "errors") for r in registry.PAPER + [registry.FULL_DATA]]
+TSWEEP_PAPER = registry.TSWEEP.paper
 
 
 def collect_results(runs_dir: Path) -> dict[str, dict]:
@@ -262,15 +254,8 @@ def transfer_protocol(result: dict | None) -> str:
     return f"hard labels, ±{jitter} px jitter" if jitter else "hard labels"
 
 
-# The best public reproduction of the paper's MNIST rows: pradyot-09/DL-Reproducibility-Project
-# (distillation.ipynb), one unseeded run per row, read off the test set; its transfer set is jittered.
-PUBLIC_SOURCE = "pradyot-09/DL-Reproducibility-Project, one unseeded run per row, read off the test set"
-PUBLIC = {
-    "teacher 784-1200-1200-10, dropout + max-norm + ±2 px jitter": "58 (no max-norm)",
-    "student distilled at T = 20 (transfer set without jitter)": "none below 80 found",
-    "beyond the paper: student distilled at T = 20, jittered transfer set": "65 (0.7 soft / 0.3 hard)",
-    "beyond the paper: digit 3 omitted, jittered transfer set: no bias correction": "141 (82 threes)",
-}
+PUBLIC_SOURCE = registry.PUBLIC_SOURCE
+PUBLIC = registry.public_figures()
 
 
 def seeds_row(found: list[dict], label: str, paper: str) -> dict:
@@ -309,8 +294,7 @@ def extra_rows(results: dict[str, dict]) -> list[dict]:
 
 ROW_PROVIDERS: list = []  # functions results -> rows, registered by the modules that own them
 
-ENSEMBLE_PAPER = {"single": "58.9% (speech)", "ensemble": "61.1% (speech)", "distilled": "60.8% (speech)",
-                  "kept": f"{(60.8 - 58.9) / (61.1 - 58.9):.0%} (speech)"}
+ENSEMBLE_PAPER = registry.ENSEMBLE_PAPER
 
 
 def ensemble_rows(results: dict[str, dict]) -> list[dict]:
@@ -346,20 +330,9 @@ def ensemble_rows(results: dict[str, dict]) -> list[dict]:
 
 ROW_PROVIDERS.append(ensemble_rows)
 
-OMIT_PAPER = {
-    ("omit-3", "none"): "206 (133 of 1,010 threes)",
-    ("omit-3", "validation"): "109 (14 threes), +3.5 chosen on test",
-    ("omit-3", "test_optimised"): "109 (14 threes), +3.5",
-    ("only-7-8", "none"): "47.3% error",
-    ("only-7-8", "validation"): "13.2% error, −7.6 chosen on test",
-    ("only-7-8", "test_optimised"): "13.2% error, −7.6",
-}
-OMIT_PAPER.update({("omit-3-jitter", protocol): f"{figure}; transfer set without jitter"
-                   for (stem, protocol), figure in list(OMIT_PAPER.items()) if stem == "omit-3"})
-OMIT_LABELS = {"omit-3": "digit 3 omitted from the transfer set", "only-7-8": "transfer set of only 7s and 8s",
-               "omit-3-jitter": "beyond the paper: digit 3 omitted, jittered transfer set"}
-PROTOCOL_LABELS = {"none": "no bias correction", "validation": "bias shift fitted on validation (honest)",
-                   "test_optimised": "bias shift fitted on test (paper's protocol)"}
+OMIT_PAPER = {(r.stem, protocol): figure for r in registry.OMITTED for protocol, figure in r.protocols.items()}
+OMIT_LABELS = {r.stem: r.label for r in registry.OMITTED}
+PROTOCOL_LABELS = registry.PROTOCOLS
 
 
 def omit_rows(results: dict[str, dict]) -> list[dict]:
@@ -396,11 +369,7 @@ ROW_PROVIDERS.insert(0, omit_rows)
 
 # `make jitter`: rows with a jittered (±2 px) transfer set, which the paper did not run; its figures for the
 # unjittered rows stand beside them for comparison.
-BEYOND_ROWS = [
-    ("distill-jitter", "beyond the paper: student distilled at T = 20, jittered transfer set", "74 without jitter"),
-    ("data3pct-hard-jitter", "beyond the paper: 3% of the data, hard labels, jittered", "—"),
-    ("data3pct-soft-jitter", "beyond the paper: 3%, soft targets, jittered transfer set", "—"),
-]
+BEYOND_ROWS = [(r.stem, r.label, r.paper) for r in registry.BEYOND]
 
 
 def beyond_rows(results: dict[str, dict]) -> list[dict]:
@@ -409,13 +378,7 @@ def beyond_rows(results: dict[str, dict]) -> list[dict]:
 
 
 # §5 on JFT (15,000 classes): kdcli's specialists rows are the analogue on 10 classes
-SPECIALIST_PAPER = {
-    "generalist": "JFT baseline: 25.0% top-1 accuracy",
-    "combined": "JFT + 61 specialists: 26.1% top-1",
-    "relative": "accuracy +4.4%, errors −1.5% (JFT: 75.0% → 73.9% error)",
-    "coverage": "gain grows with the number of specialists covering a class (JFT, Table 4)",
-    "timing": "specialists train independently, in parallel (JFT)",
-}
+SPECIALIST_PAPER = registry.SPECIALIST_PAPER
 
 
 def specialist_rows(results: dict[str, dict]) -> list[dict]:
