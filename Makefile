@@ -21,7 +21,7 @@ endif
 
 # Paper reproduction: each run is a file target on its result.json, so an
 # interrupted `make paper` picks up where it stopped (an interrupted run resumes).
-# `make paper SEEDS=3` adds seeds 2 and 3 of the teacher, student and distilled rows.
+# `make paper SEEDS=3` adds seeds 2 and 3 of every row: the teacher, student, distilled, 3%, T-sweep and omitted-digit rows.
 # `make paper EXP=experiments/smoke RUNS=/tmp/r RESULTS=/tmp/out` is the pipeline's smoke test.
 EXP     ?= experiments
 RUNS    ?= runs
@@ -65,6 +65,8 @@ $(foreach d,distill distill-jitter,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,
 $(eval $(call RUN,data3pct-hard,train-teacher,data3pct-hard,,))
 $(eval $(call RUN,data3pct-hard-es,train-teacher,data3pct-hard-es,,))
 $(eval $(call RUN,data3pct-soft,distill,data3pct-soft,--teacher $(call teacher_of,1),$(call teacher_dep,1)))
+$(foreach d,data3pct-hard data3pct-hard-es,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),train-teacher,$(d),--seed $(s),))))
+$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,data3pct-soft-s$(s),distill,data3pct-soft,--seed $(s) --teacher $(call teacher_of,$(s)),$(call teacher_dep,$(s)))))
 
 # Table 1 analogue (issue 4): single net, 10-net ensemble, distilled single net, on MNIST and Fashion-MNIST
 ENSEMBLE_SEEDS := 1 2 3
@@ -75,13 +77,15 @@ ensembles: \
 	$(foreach n,ensemble ensemble-fashion,$(RUNS)/$(n)/result.json) \
 	$(foreach n,ensemble-single ensemble-distill ensemble-single-fashion ensemble-distill-fashion,$(RUNS)/$(n)/result.json $(RUNS)/$(n)-s2/result.json $(RUNS)/$(n)-s3/result.json)
 
-# §5 analogue (issue 7): a generalist per dataset, then specialists on the classes it confuses, 3 seeds each;
-# `make specialists-fashion` alone is the issue's goal (Fashion-MNIST), `make specialists` adds MNIST and the report.
+# §5 analogue: a generalist per dataset, then specialists on the classes it confuses and their control, 3 seeds
+# each; `make specialists-fashion` (Fashion-MNIST) or `make specialists-mnist`; `make specialists` adds the report.
 SPECIALIST_SEEDS := 1 2 3
 $(foreach d,fashion mnist,$(foreach s,$(SPECIALIST_SEEDS),$(eval $(call RUN,generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s)),train-teacher,generalist-$(d),--seed $(s),))))
 $(foreach d,fashion mnist,$(foreach s,$(SPECIALIST_SEEDS),$(eval $(call RUN,specialists-$(d)$(if $(filter-out 1,$(s)),-s$(s)),train-specialists,specialists-$(d),--seed $(s) --generalist $(RUNS)/generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s)),$(RUNS)/generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s))/result.json))))
-specialists-fashion: $(foreach s,$(SPECIALIST_SEEDS),$(RUNS)/specialists-fashion$(if $(filter-out 1,$(s)),-s$(s))/result.json)
-specialists-mnist: $(foreach s,$(SPECIALIST_SEEDS),$(RUNS)/specialists-mnist$(if $(filter-out 1,$(s)),-s$(s))/result.json)
+# the control: generalist k trained further with the specialists' recipe, no clusters (seed k from generalist k)
+$(foreach d,fashion mnist,$(foreach s,$(SPECIALIST_SEEDS),$(eval $(call RUN,specialists-control-$(d)$(if $(filter-out 1,$(s)),-s$(s)),train-teacher,specialists-control-$(d),--seed $(s) --set init_from=$(RUNS)/generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s)),$(RUNS)/generalist-$(d)$(if $(filter-out 1,$(s)),-s$(s))/result.json))))
+specialists-fashion: $(foreach s,$(SPECIALIST_SEEDS),$(foreach r,specialists-fashion specialists-control-fashion,$(RUNS)/$(r)$(if $(filter-out 1,$(s)),-s$(s))/result.json))
+specialists-mnist: $(foreach s,$(SPECIALIST_SEEDS),$(foreach r,specialists-mnist specialists-control-mnist,$(RUNS)/$(r)$(if $(filter-out 1,$(s)),-s$(s))/result.json))
 specialists: specialists-fashion specialists-mnist
 	$(MAKE) --no-print-directory report
 
@@ -91,10 +95,12 @@ teachers: $(RUNS)/teacher/result.json $(RUNS)/teacher-s2/result.json $(RUNS)/tea
 	$(KDCLI) teachers --compare $(RUNS) --release $(RELEASE)
 student: $(RUNS)/student/result.json $(EXTRA_SEEDS:%=$(RUNS)/student-s%/result.json)
 distill: $(RUNS)/distill/result.json $(EXTRA_SEEDS:%=$(RUNS)/distill-s%/result.json)
-data3pct: $(RUNS)/data3pct-hard/result.json $(RUNS)/data3pct-hard-es/result.json $(RUNS)/data3pct-soft/result.json
+data3pct: $(foreach d,data3pct-hard data3pct-hard-es data3pct-soft,$(RUNS)/$(d)/result.json $(EXTRA_SEEDS:%=$(RUNS)/$(d)-s%/result.json))
 # the sweep keeps finished grid points and resumes interrupted ones by itself
-tsweep: $(call teacher_dep,1)
+# seed k of the sweep (runs tsweep-sK-<width>) distils from teacher k
+tsweep: $(call teacher_dep,1) $(foreach s,$(EXTRA_SEEDS),$(call teacher_dep,$(s)))
 	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(call teacher_of,1) $(PRECISION_FLAG)
+	$(foreach s,$(EXTRA_SEEDS),$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --seed $(s) --set name=tsweep-s$(s) --teacher $(call teacher_of,$(s)) $(PRECISION_FLAG) && ) true
 report:
 	$(KDCLI) report --runs $(RUNS) --out $(RESULTS) $(REPORT_TEACHERS)
 

@@ -61,6 +61,7 @@ class Config:
     dropout_hidden: float = 0.0
     max_norm: float | None = None  # bound on each unit's incoming weight vector
     members: int = 1  # models trained together, stacked (ensembles, sweeps)
+    init_from: str | None = None  # start from this run's weights (same architecture) instead of a fresh init
 
     # optimisation
     optimizer: str = "sgd"

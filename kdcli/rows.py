@@ -103,6 +103,11 @@ SPECIALISTS = [
         "train-teacher" if kind == "generalist" else "train-specialists", f"{kind}-{dataset}", f"specialists-{dataset}")
     for dataset, name in (("fashion", "Fashion-MNIST"), ("mnist", "MNIST"))
     for kind in ("generalist", "specialists")
+] + [
+    Row(f"specialists-control-{dataset}", f"{name} (analogue of §5 on JFT): control, the generalist trained further "
+        "with the specialists' recipe, no clusters", "—", "train-teacher", f"specialists-control-{dataset}",
+        f"specialists-{dataset}")
+    for dataset, name in (("fashion", "Fashion-MNIST"), ("mnist", "MNIST"))
 ]
 
 ROWS = PAPER + [TSWEEP] + OMITTED + BEYOND + ENSEMBLES + SPECIALISTS

@@ -430,9 +430,28 @@ class Recipe:
 
 def standard_recipe(cfg: Config, data: Dataset, device: torch.device, command: str) -> Recipe:
     transfer = build_transfer_set(cfg, data, device)
-    model = build_model(arch_from_config(cfg), seeds=member_seeds(cfg.seed, cfg.members)).to(device)
+    model = build_model(arch_from_config(cfg), seeds=member_seeds(cfg.seed, cfg.members))
+    if cfg.init_from:
+        start_from(model, cfg.init_from)
+    model.to(device)
     return Recipe(model, transfer, make_evaluator(data, ensemble=cfg.members > 1),
                   lambda trained, history: final_result(cfg, trained, data, history, command))
+
+
+def start_from(model: StackedMLP, spec: str) -> None:
+    """Copy a finished run's weights into `model` (a warm start, e.g. the specialists' control: the generalist
+    trained further); its layers must match, and a single model fills every member of a stack."""
+    source, _ = teachers.load_any(spec)
+    mine = {k: v for k, v in model.arch.items() if k not in ("members", "dropout_input", "dropout_hidden")}
+    theirs = {k: v for k, v in source.arch.items() if k not in ("members", "dropout_input", "dropout_hidden")}
+    if mine != theirs:
+        differ = next(k for k in mine if mine[k] != theirs.get(k))
+        raise runs.RunError(f"init_from {spec}: its {differ} is {theirs.get(differ)}, this run's {mine[differ]}")
+    if source.members not in (1, model.members):
+        raise runs.RunError(f"init_from {spec}: a stack of {source.members} cannot start {model.members} members")
+    with torch.no_grad():
+        for mine_p, theirs_p in zip(model.parameters(), source.parameters()):
+            mine_p.copy_(theirs_p.expand_as(mine_p))
 
 
 def make_evaluator(data: Dataset, ensemble: bool) -> Callable[[StackedMLP], dict]:

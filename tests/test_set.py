@@ -21,7 +21,7 @@ SAMPLES = {
     "temperature": (8.0, {}), "temperatures": ([2.0, 4.0], {}), "alpha": (0.7, {}), "match": ("logits", {}),
     "combine": ("mean_logits", {}), "generalist": ("runs/g", {}), "clusters": ([[3, 5], [4, 9]], {}),
     "n_clusters": (3, {}), "cluster_overlap": (0.5, {}), "top_k": (2, {}), "combine_steps": (50, {}),
-    "seed": (9, {}), "device": ("cpu", {}), "out": ("elsewhere/run", {}), "expect_max_errors": (80, {}),
+    "init_from": ("runs/generalist", {}), "seed": (9, {}), "device": ("cpu", {}), "out": ("elsewhere/run", {}), "expect_max_errors": (80, {}),
     "eval_every": (5, {}), "test_eval": (False, {}),
 }
 

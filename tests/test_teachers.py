@@ -148,4 +148,4 @@ def test_make_paper_smoke_builds_on_released_teachers(teacher_run, tmp_path, dat
     expected = test["n_errors"] * 10000 / test["n_examples"]
     assert f"| {expected:.1f} [{expected:.0f}–{expected:.0f}] | 2 |" in teacher_row and "| 58 (no max-norm) |" in teacher_row
     distilled = next(line for line in report.splitlines() if line.startswith("| student distilled at T = 20"))
-    assert "| unjittered |" in distilled
+    assert "| unjittered, 1,000 images |" in distilled
