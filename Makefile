@@ -22,7 +22,7 @@ endif
 # Paper reproduction: each run is a file target on its result.json, so an
 # interrupted `make paper` picks up where it stopped (an interrupted run resumes).
 # `make paper SEEDS=3` adds seeds 2 and 3 of every row: the teacher, student, distilled, 3%, T-sweep and omitted-digit rows.
-# `make paper EXP=experiments/smoke RUNS=/tmp/r RESULTS=/tmp/out` is the pipeline's smoke test.
+# `make paper EXP=experiments/smoke RUNS=smoke-runs RESULTS=smoke-results` is the pipeline's smoke test.
 EXP     ?= experiments
 RUNS    ?= runs
 RESULTS ?= results
