@@ -181,3 +181,34 @@ def test_early_stopping_keeps_the_best_validation_epoch(synthetic_dir, tmp_path)
     cfg = config(synthetic_dir, tmp_path, val_size=100, early_stopping=True, epochs=3)
     result = run_training(cfg, "train-teacher")
     assert 1 <= result["best_epoch"][0] <= 3
+
+
+def test_a_jittered_ensemble_teacher_scores_exactly_the_batch_the_student_sees(synthetic_dir, tmp_path, monkeypatch):
+    """An ensemble run as the teacher of a jittered transfer set: all its members score each shifted batch,
+    and the student learns from their combined distribution on exactly that batch."""
+    import kdcli.train as train_module
+    from kdcli.train import build_transfer_set, load_teacher
+
+    run_training(config(synthetic_dir, tmp_path / "ens", members=3, epochs=2), "train-ensemble")
+    cfg = config(synthetic_dir, tmp_path, jitter=2, epochs=1, temperature=4.0, teacher=str(tmp_path / "ens" / "run"))
+    data = load_dataset(cfg, torch.device("cpu"))
+    scored = []
+    real_targets = train_module.teacher_targets
+
+    def spy(teacher, x, temps, combine):
+        out = real_targets(teacher, x, temps, combine)
+        scored.append((teacher.members, x.clone(), out))
+        return out
+
+    monkeypatch.setattr(train_module, "teacher_targets", spy)
+    transfer = build_transfer_set(cfg, data, torch.device("cpu"))
+    seen_by_student = []
+    student = StackedMLP([24])
+    forward = student.forward
+    student.forward = lambda x: (seen_by_student.append(x.detach().clone()), forward(x))[1]
+    fit(student, transfer, cfg, evaluate=lambda m: {})
+    assert len(scored) == len(seen_by_student) > 0 and all(members == 3 for members, _, _ in scored)
+    assert all(torch.equal(x, s.reshape(x.shape)) for (_, x, _), s in zip(scored, seen_by_student))
+    teacher, _ = load_teacher(cfg.teacher, torch.device("cpu"))
+    _, x, targets = scored[0]
+    assert torch.allclose(targets, real_targets(teacher, x, [4.0], "mean_probs"))
