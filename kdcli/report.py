@@ -24,7 +24,7 @@ def evaluate_checkpoint(run: str | Path, data_dir: str | None = None, device: st
                         against: str | Path | None = None) -> dict:
     """Rebuild a model from its checkpoint alone and count its test errors; with
     `against` (another run, e.g. the teacher), also how closely it agrees with it."""
-    model, payload = teachers.load_any(run)  # a run, a checkpoint, or a released teacher by name
+    model, payload = teachers.load_any(run, what="run")  # a run, a checkpoint, or a released teacher by name
     saved = dict(payload.get("config") or {})
     if against is not None:
         reference, reference_payload = teachers.load_any(against)
@@ -70,7 +70,7 @@ def softness_of_run(run: str | Path, temperatures: list[float], data_dir: str | 
                     device: str | None = None) -> dict:
     """How soft a model's outputs are on its own training images (a teacher's transfer set), at each
     temperature. Reads no test image, so it may be run on a blind search's teachers before a decision."""
-    model, payload = teachers.load_any(run)
+    model, payload = teachers.load_any(run, what="run")
     saved = dict(payload.get("config") or {})
     keep = ("dataset", "val_size", "train_limit", "train_subset", "subset_seed")
     cfg = make_config({**{k: saved[k] for k in keep if saved.get(k) is not None},

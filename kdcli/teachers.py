@@ -199,11 +199,12 @@ def locate(spec: str) -> Path | None:
     return resolve(spec)
 
 
-def load_any(spec: str | Path) -> tuple[StackedMLP, dict]:
-    """A model from a run directory or checkpoint, or a released teacher by folder or name."""
+def load_any(spec: str | Path, what: str = "teacher") -> tuple[StackedMLP, dict]:
+    """A model from a run directory or checkpoint, or a released teacher by folder or name;
+    `what` names it in the error (teacher, run, init_from)."""
     path = locate(str(spec))
     if path is None:
-        raise runs.RunError(f"teacher '{spec}' not found: not a run directory, a checkpoint or a released "
+        raise runs.RunError(f"{what} '{spec}' not found: not a run directory, a checkpoint or a released "
                             "teacher (kdcli teachers lists those)")
     if path.is_dir() and is_released(path):
         return load(path)

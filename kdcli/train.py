@@ -441,7 +441,7 @@ def standard_recipe(cfg: Config, data: Dataset, device: torch.device, command: s
 def start_from(model: StackedMLP, spec: str) -> None:
     """Copy a finished run's weights into `model` (a warm start, e.g. the specialists' control: the generalist
     trained further); its layers must match, and a single model fills every member of a stack."""
-    source, _ = teachers.load_any(spec)
+    source, _ = teachers.load_any(spec, what="init_from")
     mine = {k: v for k, v in model.arch.items() if k not in ("members", "dropout_input", "dropout_hidden")}
     theirs = {k: v for k, v in source.arch.items() if k not in ("members", "dropout_input", "dropout_hidden")}
     if mine != theirs:
