@@ -18,6 +18,7 @@ byte or a truncated file is refused with one line naming it. Nothing is ever dow
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import re
 import shutil
@@ -37,10 +38,21 @@ REPO_TEACHERS = Path(__file__).resolve().parent.parent / "teachers"
 NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 
+def packaged_teachers() -> Path | None:
+    """The released teachers inside an installed wheel (package kdcli.released, mapped from teachers/ by
+    pyproject.toml once teachers are released), or None in a checkout."""
+    try:
+        return Path(str(importlib.resources.files("kdcli.released")))
+    except ModuleNotFoundError:
+        return None
+
+
 def roots() -> list[Path]:
-    """Where released teachers are looked up: ./teachers, then the checkout kdcli runs from."""
+    """Where released teachers are looked up: ./teachers, the checkout kdcli runs from, the installed package."""
     found = []
-    for root in (Path("teachers"), REPO_TEACHERS):
+    for root in (Path("teachers"), REPO_TEACHERS, packaged_teachers()):
+        if root is None:
+            continue
         if root.is_dir() and root.resolve() not in [r.resolve() for r in found]:
             found.append(root)
     return found
