@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, kdcli, synthetic_config as config, weights, write_idx
-from kdcli.config import load_config, read_yaml
+from kdcli.config import load_config, load_sweep, read_yaml
 from kdcli.data import load_dataset
 from kdcli.report import gain_kept, gap_closed, gap_closed_row, paper_rows, relative_change, share_spread
 from kdcli.train import build_transfer_set, run_training
@@ -36,15 +36,24 @@ def indices(images: torch.Tensor) -> set[int]:
 
 
 def experiments_with_validation():
+    """(file, grid point) for every experiment with a validation split; a grid file gives each of its points."""
     for path in sorted((REPO / "experiments").rglob("*.yaml")):
         values = read_yaml(path, allow_grid=True)
-        if values.get("val_size") and "grid" not in values:
-            yield path
+        if "grid" in values:
+            points = load_sweep(path)
+            yield from ((path, k) for k, cfg in enumerate(points) if cfg.val_size)
+        elif values.get("val_size"):
+            yield path, None
 
 
-@pytest.mark.parametrize("path", list(experiments_with_validation()), ids=lambda p: str(p.relative_to(REPO)))
-def test_training_and_validation_images_are_disjoint(path, numbered_mnist):
-    cfg = load_config(path, {"data_dir": str(numbered_mnist), "dataset": "mnist"}, explicit={"teacher": None})
+@pytest.mark.parametrize("path, point", list(experiments_with_validation()),
+                         ids=lambda v: str(v.relative_to(REPO)) if isinstance(v, Path) else str(v))
+def test_training_and_validation_images_are_disjoint(path, point, numbered_mnist):
+    overrides, explicit = {"data_dir": str(numbered_mnist), "dataset": "mnist"}, {"teacher": None}
+    if point is None:
+        cfg = load_config(path, overrides, explicit)
+    else:
+        cfg = load_sweep(path, overrides, explicit)[point]
     data = load_dataset(cfg, torch.device("cpu"))
     train, val = indices(data.train_x), indices(data.val_x)
     assert train and val and not train & val
