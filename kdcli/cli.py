@@ -253,11 +253,12 @@ def check_teacher(cfg: Config, needed: bool) -> Config:
     specs = [p.strip() for p in (cfg.teacher or "").split(",") if p.strip()]  # several form one ensemble teacher
     for i, spec in enumerate(specs):
         found = teachers.locate(spec)
-        if found is None and spec == teachers.DEFAULT_RUN and teachers.resolve(teachers.DEFAULT) is not None:
+        if found is None and spec == teachers.DEFAULT_RUN:
             found = teachers.resolve(teachers.DEFAULT)
-            err.print(f"no {spec}: using the released teacher {found.name} ({found}; kdcli teachers lists them)",
-                      highlight=False, soft_wrap=True)
-            specs[i] = str(found)
+            if found is not None:
+                err.print(f"no {spec}: using the released teacher {found.name} ({found}; kdcli teachers lists them)",
+                          highlight=False, soft_wrap=True)
+                specs[i] = str(found)
         if found is None:
             raise UsageProblem(f"teacher '{spec}' not found: train it first (kdcli train-teacher), pass --teacher, "
                                "or name a released teacher (kdcli teachers)")

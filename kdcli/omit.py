@@ -379,8 +379,14 @@ def plot_bias(section: dict, path: Path, title: str = "") -> Path:
             continue
         ax.axvline(p["shift"], color=color, linestyle=style,
                    label=f"{name}: {p['shift']:+g} → {p['n_errors'] * 10000 / n_test:g} test errors / 10k")
+    finish_bias_axes(ax, section, title, log=min(curve["test_omitted_n_errors"] + curve["val_n_errors"]) > 0)
+    return runs.save_figure(fig, path)
+
+
+def finish_bias_axes(ax, section: dict, title: str, log: bool) -> None:
+    """Zero-shift line, scale, labels, grid and legend of a bias-correction plot."""
     ax.axvline(0.0, color="grey", linewidth=0.8)
-    if min(curve["test_omitted_n_errors"] + curve["val_n_errors"]) > 0:
+    if log:
         ax.set_yscale("log")
     else:  # log-like, and a curve that reaches zero errors still plots
         ax.set_yscale("symlog", linthresh=10)
@@ -390,7 +396,6 @@ def plot_bias(section: dict, path: Path, title: str = "") -> Path:
     ax.set_title(title or describe(section))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    return runs.save_figure(fig, path)
 
 
 def plot_blind_bias(section: dict, path: Path, title: str = "") -> Path:
@@ -406,12 +411,5 @@ def plot_blind_bias(section: dict, path: Path, title: str = "") -> Path:
     ax.plot(curve["shifts"], [e * 10000 / n_val for e in curve["val_omitted_n_errors"]],
             label=f"validation, errors on {omitted}", color="C1", linestyle=":")
     ax.axvline(chosen["shift"], color="C2", linestyle="--", label=f"validation: {chosen['shift']:+g}")
-    ax.axvline(0.0, color="grey", linewidth=0.8)
-    ax.set_yscale("symlog", linthresh=10)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel(f"shift added to the biases of {', '.join(map(str, section['digits']))}")
-    ax.set_ylabel("errors per 10,000")
-    ax.set_title(title or describe(section))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    finish_bias_axes(ax, section, title, log=False)
     return runs.save_figure(fig, path)

@@ -221,23 +221,23 @@ def relative_change(value: float, baseline: float) -> float:
     return (value - baseline) / baseline
 
 
-def percent_spread(values: list[float]) -> str:
-    """Signed percentages as mean [min–max] over seeds, or one value with "1 seed"."""
+def mean_and_range(values: list[float], mean: str, bound: str, single: str, unit: str = "", one_seed: str = "") -> str:
+    """Values over seeds as mean [min–max] in the given formats; one value in `single`, followed by `one_seed`."""
     if not values:
         return "not run"
-    mean = sum(values) / len(values)
+    average = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:+.2f}% (1 seed)"
-    return f"{mean:+.2f}% [{min(values):+.2f}–{max(values):+.2f}]"
+        return f"{average:{single}}{unit}{one_seed}"
+    return f"{average:{mean}}{unit} [{min(values):{bound}}–{max(values):{bound}}]"
+
+
+def percent_spread(values: list[float]) -> str:
+    """Signed percentages as mean [min–max] over seeds, or one value with "1 seed"."""
+    return mean_and_range(values, "+.2f", "+.2f", "+.2f", unit="%", one_seed=" (1 seed)")
 
 
 def spread(values: list[float]) -> str:
-    if not values:
-        return "not run"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.0f}"
-    return f"{mean:.1f} [{min(values):.0f}–{max(values):.0f}]"
+    return mean_and_range(values, ".1f", ".0f", ".0f")
 
 
 def config_of(result: dict) -> str:
@@ -286,12 +286,7 @@ def seeds_row(found: list[dict], label: str, paper: str) -> dict:
 
 def share_spread(values: list[float]) -> str:
     """Shares (0.66 = 66%) as mean [min–max] over seeds, or one value with "1 seed"."""
-    if not values:
-        return "not run"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.0%} (1 seed)"
-    return f"{mean:.0%} [{min(values):.0%}–{max(values):.0%}]"
+    return mean_and_range(values, ".0%", ".0%", ".0%", one_seed=" (1 seed)")
 
 
 def gap_closed(hard: float, soft: float, full: float) -> float | None:

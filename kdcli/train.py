@@ -442,8 +442,8 @@ def start_from(model: StackedMLP, spec: str) -> None:
     """Copy a finished run's weights into `model` (a warm start, e.g. the specialists' control: the generalist
     trained further); its layers must match, and a single model fills every member of a stack."""
     source, _ = teachers.load_any(spec, what="init_from")
-    mine = {k: v for k, v in model.arch.items() if k not in ("members", "dropout_input", "dropout_hidden")}
-    theirs = {k: v for k, v in source.arch.items() if k not in ("members", "dropout_input", "dropout_hidden")}
+    layers = lambda arch: {k: v for k, v in arch.items() if k not in ("members", "dropout_input", "dropout_hidden")}  # noqa: E731
+    mine, theirs = layers(model.arch), layers(source.arch)
     if mine != theirs:
         differ = next(k for k in mine if mine[k] != theirs.get(k))
         raise runs.RunError(f"init_from {spec}: its {differ} is {theirs.get(differ)}, this run's {mine[differ]}")
@@ -470,43 +470,40 @@ def make_evaluator(data: Dataset, ensemble: bool) -> Callable[[StackedMLP], dict
 
 
 def final_result(cfg: Config, model: StackedMLP, data: Dataset, history: list[dict], command: str) -> dict:
-    if not cfg.test_eval:
-        return blind_result(cfg, model, data, command)
-    logits = predict(model, data.test_x)  # (members, n, classes)
-    temps = member_temperatures(cfg)
-    seeds = member_seeds(cfg.seed, model.members)
-    members = []
-    for k in range(model.members):
-        summary = summarize(combine_logits(logits[k : k + 1]), data.test_y)
-        members.append({"member": k, "seed": seeds[k], "temperature": temps[k] if cfg.teacher else None,
-                        "test_errors": summary["n_errors"], "test_nll": summary["nll"],
-                        "per_class_errors": summary["per_class_errors"]})
-    result = {"command": command, "name": cfg.name, "dataset": cfg.dataset, "members": members}
-    if model.members == 1 or command == "train-ensemble":
-        result["test"] = summarize(combine_logits(logits, "mean_probs"), data.test_y)
-    if model.members > 1:
-        result["ensemble"] = {rule: {k: v for k, v in summarize(combine_logits(logits, rule), data.test_y).items()
-                                     if k in ("n_errors", "accuracy", "nll")}
-                              for rule in ("mean_probs", "mean_logits")}
-    if len(data.val_x):
-        val_logits = predict(model, data.val_x)
-        result["val_errors"] = count_errors(val_logits, data.val_y).tolist()
-    return result
-
-
-def blind_result(cfg: Config, model: StackedMLP, data: Dataset, command: str) -> dict:
-    """result.json of a run with test_eval: false: validation errors only. Its test errors,
-    once a decision is recorded, come from an explicit `kdcli eval`."""
+    """result.json's figures: test errors per member, of the model or the ensemble, and validation errors.
+    A blind run (test_eval: false) gets the validation part alone; its test errors, once a decision is
+    recorded, come from an explicit `kdcli eval`."""
     temps = member_temperatures(cfg)
     members = [{"member": k, "seed": seed, "temperature": temps[k] if cfg.teacher else None}
                for k, seed in enumerate(member_seeds(cfg.seed, model.members))]
-    result = {"command": command, "name": cfg.name, "dataset": cfg.dataset, "test_eval": False, "members": members}
+    result = {"command": command, "name": cfg.name, "dataset": cfg.dataset, "members": members}
+    if cfg.test_eval:
+        result.update(scored_on_test(model, data, members, command))
+    else:
+        result["test_eval"] = False
     if len(data.val_x):
         val_logits = predict(model, data.val_x)
         result["val_errors"] = count_errors(val_logits, data.val_y).tolist()
         if model.members > 1:
             result["val_ensemble_errors"] = int(count_errors(combine_logits(val_logits), data.val_y))
     return result
+
+
+def scored_on_test(model: StackedMLP, data: Dataset, members: list[dict], command: str) -> dict:
+    """Test errors of each member (added to `members`), of the model or ensemble, and of both ensemble rules."""
+    logits = predict(model, data.test_x)  # (members, n, classes)
+    for k, member in enumerate(members):
+        summary = summarize(combine_logits(logits[k : k + 1]), data.test_y)
+        member.update({"test_errors": summary["n_errors"], "test_nll": summary["nll"],
+                       "per_class_errors": summary["per_class_errors"]})
+    figures = {}
+    if model.members == 1 or command == "train-ensemble":
+        figures["test"] = summarize(combine_logits(logits, "mean_probs"), data.test_y)
+    if model.members > 1:
+        figures["ensemble"] = {rule: {k: v for k, v in summarize(combine_logits(logits, rule), data.test_y).items()
+                                      if k in ("n_errors", "accuracy", "nll")}
+                               for rule in ("mean_probs", "mean_logits")}
+    return figures
 
 
 # settings a resumed run may change: they move the run, not its result

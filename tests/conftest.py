@@ -35,6 +35,14 @@ def synthetic_config(synthetic_dir, tmp_path, **extra):
     return make_config(values)
 
 
+def train_blind(synthetic_dir, tmp_path, epochs: int):
+    """`kdcli train-teacher` on a blind experiment file (test_eval: false) into tmp_path/run; the CLI's result."""
+    experiment = tmp_path / "blind.yaml"
+    experiment.write_text(f"data_dir: {synthetic_dir}\nhidden: [24]\nepochs: {epochs}\nbatch_size: 50\n"
+                          "val_size: 200\ntest_eval: false\ndevice: cpu\nname: blind\n")
+    return kdcli("train-teacher", "-c", experiment, "--out", tmp_path / "run")
+
+
 def weights(run_dir):
     """A finished run's weights, as model.pt holds them."""
     return torch.load(Path(run_dir) / "model.pt", weights_only=True)["state_dict"]

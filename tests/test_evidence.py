@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, kdcli, synthetic_config as config, weights, write_idx
+from conftest import REPO, kdcli, synthetic_config as config, train_blind, weights, write_idx
 from kdcli.config import load_config, load_sweep, read_yaml
 from kdcli.data import load_dataset
 from kdcli.report import gain_kept, gap_closed, gap_closed_row, paper_rows, relative_change, share_spread
@@ -99,10 +99,7 @@ def test_the_gap_closed_row_pairs_seeds():
 
 
 def test_a_blind_run_leaves_no_test_figure_anywhere(synthetic_dir, tmp_path):
-    experiment = tmp_path / "blind.yaml"
-    experiment.write_text(f"data_dir: {synthetic_dir}\nhidden: [24]\nepochs: 3\nbatch_size: 50\nval_size: 200\n"
-                          "test_eval: false\ndevice: cpu\nname: blind\n")
-    result = kdcli("train-teacher", "-c", experiment, "--out", tmp_path / "run")
+    result = train_blind(synthetic_dir, tmp_path, epochs=3)
     assert result.exit_code == 0, result.output
     texts = {"output": result.output}
     for path in (tmp_path / "run").iterdir():

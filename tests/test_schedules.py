@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import interrupt_after_epoch, kdcli, one_line_error, synthetic_config as config, weights
+from conftest import interrupt_after_epoch, kdcli, one_line_error, synthetic_config as config, train_blind, weights
 from kdcli.config import ConfigError, make_config
 from kdcli.train import momentum_at, run_training
 
@@ -94,10 +94,7 @@ def test_a_blind_run_computes_no_test_errors(synthetic_dir, tmp_path):
 
 
 def test_a_blind_run_prints_validation_errors_only(synthetic_dir, tmp_path):
-    experiment = tmp_path / "blind.yaml"
-    experiment.write_text(f"data_dir: {synthetic_dir}\nhidden: [24]\nepochs: 2\nbatch_size: 50\n"
-                          "val_size: 200\ntest_eval: false\ndevice: cpu\n")
-    result = kdcli("train-teacher", "-c", experiment, "--out", tmp_path / "run")
+    result = train_blind(synthetic_dir, tmp_path, epochs=2)
     assert result.exit_code == 0, result.output
     assert "validation errors" in result.stdout and "test errors" not in result.stdout
     listed = kdcli("runs", tmp_path)
