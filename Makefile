@@ -68,14 +68,17 @@ $(eval $(call RUN,data3pct-soft,distill,data3pct-soft,--teacher $(call teacher_o
 $(foreach d,data3pct-hard data3pct-hard-es,$(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,$(d)-s$(s),train-teacher,$(d),--seed $(s),))))
 $(foreach s,$(EXTRA_SEEDS),$(eval $(call RUN,data3pct-soft-s$(s),distill,data3pct-soft,--seed $(s) --teacher $(call teacher_of,$(s)),$(call teacher_dep,$(s)))))
 
-# Table 1 analogue (issue 4): single net, 10-net ensemble, distilled single net, on MNIST and Fashion-MNIST
+# Table 1 analogue: single net, 10-net ensemble, and the single net distilled from it with each transfer-set
+# protocol (ensemble-distill: the images as they are; ensemble-distill-jitter: ±2 px shifts), on MNIST and
+# Fashion-MNIST (run names and experiment files ensemble*[-fashion]); single and distilled nets for 3 seeds
 ENSEMBLE_SEEDS := 1 2 3
-$(foreach d,- -fashion,$(eval $(call RUN,ensemble$(d:-=),train-ensemble,ensemble$(d:-=),,)))
-$(foreach d,- -fashion,$(foreach s,$(ENSEMBLE_SEEDS),$(eval $(call RUN,ensemble-single$(d:-=)$(if $(filter-out 1,$(s)),-s$(s)),train-teacher,ensemble-single$(d:-=),--seed $(s),))))
-$(foreach d,- -fashion,$(foreach s,$(ENSEMBLE_SEEDS),$(eval $(call RUN,ensemble-distill$(d:-=)$(if $(filter-out 1,$(s)),-s$(s)),distill,ensemble-distill$(d:-=),--seed $(s) --teacher $(RUNS)/ensemble$(d:-=),$(RUNS)/ensemble$(d:-=)/result.json))))
-ensembles: \
-	$(foreach n,ensemble ensemble-fashion,$(RUNS)/$(n)/result.json) \
-	$(foreach n,ensemble-single ensemble-distill ensemble-single-fashion ensemble-distill-fashion,$(RUNS)/$(n)/result.json $(RUNS)/$(n)-s2/result.json $(RUNS)/$(n)-s3/result.json)
+ENSEMBLE_DATA  := - -fashion
+seeded = $(1)$(if $(filter-out 1,$(2)),-s$(2))
+$(foreach d,$(ENSEMBLE_DATA),$(eval $(call RUN,ensemble$(d:-=),train-ensemble,ensemble$(d:-=),,)))
+$(foreach d,$(ENSEMBLE_DATA),$(foreach s,$(ENSEMBLE_SEEDS),$(eval $(call RUN,$(call seeded,ensemble-single$(d:-=),$(s)),train-teacher,ensemble-single$(d:-=),--seed $(s),))))
+$(foreach d,$(ENSEMBLE_DATA),$(foreach p,ensemble-distill ensemble-distill-jitter,$(foreach s,$(ENSEMBLE_SEEDS),$(eval $(call RUN,$(call seeded,$(p)$(d:-=),$(s)),distill,$(p)$(d:-=),--seed $(s) --teacher $(RUNS)/ensemble$(d:-=),$(RUNS)/ensemble$(d:-=)/result.json)))))
+ensembles: $(foreach d,$(ENSEMBLE_DATA),$(RUNS)/ensemble$(d:-=)/result.json \
+	$(foreach p,ensemble-single ensemble-distill ensemble-distill-jitter,$(foreach s,$(ENSEMBLE_SEEDS),$(RUNS)/$(call seeded,$(p)$(d:-=),$(s))/result.json)))
 
 # §5 analogue: a generalist per dataset, then specialists on the classes it confuses and their control, 3 seeds
 # each; `make specialists-fashion` (Fashion-MNIST) or `make specialists-mnist`; `make specialists` adds the report.

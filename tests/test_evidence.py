@@ -98,6 +98,26 @@ def test_the_gap_closed_row_pairs_seeds():
     assert row["kdcli"] == f"{(400 / 650 + 600 / 740) / 2:.0%} [{400 / 650:.0%}–{600 / 740:.0%}]"
 
 
+def test_the_ensemble_table_keeps_each_protocols_share_per_seed():
+    from kdcli.report import ensemble_rows
+
+    def run(seed, errors):
+        return {"seed": seed, "test": {"n_errors": errors, "n_examples": 10000, "nll": 0.1}, "command_line": "",
+                "config": {"jitter": 0}}
+
+    results = {"ensemble": run(1, 80), "ensemble-single": run(1, 100), "ensemble-single-s2": run(2, 110),
+               "ensemble-distill": run(1, 95), "ensemble-distill-s2": run(2, 100),
+               "ensemble-distill-jitter": run(1, 85), "ensemble-distill-jitter-s2": run(2, 80)}
+    rows = {r["experiment"]: r for r in ensemble_rows(results)}
+    unjittered = rows["MNIST: share of the ensemble's gain kept by distillation, transfer set without jitter"]
+    jittered = rows["MNIST: share of the ensemble's gain kept by distillation, jittered transfer set"]
+    # seed 1: (100 - 95) / 20 and (100 - 85) / 20; seed 2: (110 - 100) / 30 and (110 - 80) / 30
+    assert unjittered["values"] == pytest.approx([5 / 20, 10 / 30]) and unjittered["seeds"] == 2
+    assert jittered["values"] == pytest.approx([15 / 20, 30 / 30])
+    assert jittered["kdcli"] == f"{(0.75 + 1.0) / 2:.0%} [75%–100%]"
+    assert not any(name.startswith("Fashion-MNIST") for name in rows)  # no runs, no rows
+
+
 def test_a_blind_run_leaves_no_test_figure_anywhere(synthetic_dir, tmp_path):
     result = train_blind(synthetic_dir, tmp_path, epochs=3)
     assert result.exit_code == 0, result.output

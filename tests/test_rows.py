@@ -59,7 +59,7 @@ def fake_result(row):
 
 
 def test_the_report_shows_each_rows_label_paper_and_public_figures(tmp_path):
-    described = rows.PAPER + rows.BEYOND + rows.OMITTED
+    described = rows.PAPER + rows.BEYOND + rows.OMITTED + rows.ENSEMBLES
     for row in described:
         (tmp_path / "runs" / row.stem).mkdir(parents=True)
         (tmp_path / "runs" / row.stem / "result.json").write_text(json.dumps(fake_result(row)))
@@ -68,6 +68,9 @@ def test_the_report_shows_each_rows_label_paper_and_public_figures(tmp_path):
         line = next(l for l in report.splitlines() if l.startswith(f"| {row.label} |"))
         assert line.startswith(f"| {row.label} | {row.paper} | {row.public} |"), line
         assert f"`experiments/{row.experiment}.yaml`" in line
+    for row in rows.ENSEMBLES:
+        assert any(l.startswith(f"| {row.label} | {row.paper} |") for l in report.splitlines()), row.label
+    assert rows.ENSEMBLE_ANALOGUE in report
     for row in rows.OMITTED:
         for protocol, paper in row.protocols.items():
             label = f"{row.label}: {rows.PROTOCOLS[protocol]}"
