@@ -33,4 +33,7 @@ class Diverged(RuntimeError):
 
     def __init__(self, epoch: int, step: int, what: str = "loss became NaN or infinite"):
         super().__init__(f"{what} at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
+        self.epoch, self.step, self.what = epoch, step, what
+
+    def __reduce__(self):  # rebuilt from its own arguments, not the message: it travels back from Ray workers
+        return Diverged, (self.epoch, self.step, self.what)

@@ -121,6 +121,8 @@ class Hooks:
     on_step: Callable[[], None] = lambda: None
     on_epoch: Callable[[dict], None] = lambda record: None
     save_state: Callable[[dict], None] | None = None
+    # after run_training's own save_state has written resume.pt for this epoch (a Ray worker sends it on)
+    on_saved: Callable[[int], None] = lambda epoch: None
 
 
 def make_optimizer(model: StackedMLP, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -510,9 +512,9 @@ def scored_on_test(model: StackedMLP, data: Dataset, members: list[dict], comman
 RESUME_MAY_CHANGE = ("name", "out", "device", "data_dir", "expect_max_errors")
 
 
-def read_resume_state(cfg: Config) -> dict:
-    """The training state in <run_dir>/resume.pt, checked against this run's config."""
-    path = runs.checkpoint_path(cfg.run_dir, runs.RESUME)
+def read_resume_state(cfg: Config, run_dir: Path | None = None) -> dict:
+    """The training state in <run_dir>/resume.pt (default cfg.run_dir), checked against this run's config."""
+    path = runs.checkpoint_path(run_dir or cfg.run_dir, runs.RESUME)
     payload = runs.read_checkpoint(path)
     state = payload.get("train_state")
     if not isinstance(state, dict) or "epoch" not in state:
@@ -535,18 +537,21 @@ def clear_run_dir(run_dir: Path) -> None:
 
 def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: bool = False,
                  command_line: str | None = None,
-                 recipe: Callable[[Config, Dataset, torch.device, str], Recipe] | None = None) -> dict:
+                 recipe: Callable[[Config, Dataset, torch.device, str], Recipe] | None = None,
+                 run_dir: Path | None = None) -> dict:
     """Load data, build the transfer set, train, evaluate and write the run directory.
 
     Nothing in the run directory changes until the config, data and teacher
     have been checked. resume.pt is rewritten after every epoch; model.pt and
     result.json appear together at the end. `recipe` builds what is trained
-    (default: `standard_recipe`; train-specialists passes its own).
+    (default: `standard_recipe`; train-specialists passes its own). `run_dir`
+    (default cfg.run_dir) is where the files go: a Ray worker without the
+    driver's filesystem trains into a folder of its own (kdcli/cluster.py).
     """
     started = time.perf_counter()
-    run_dir = cfg.run_dir
+    run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
     command_line = command_line or shlex.join(["kdcli", *sys.argv[1:]])
-    state = read_resume_state(cfg) if resume else None
+    state = read_resume_state(cfg, run_dir) if resume else None
     if state is not None:  # wall time counts the epochs before the resume too
         started -= sum(r.get("seconds", 0) for r in state["history"])
     device = pick_device(cfg.device)
@@ -567,6 +572,7 @@ def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: 
                 runs.save_checkpoint(run_dir / runs.RESUME, model, cfg.to_dict(), {"train_state": s})
                 progress["saved_epoch"] = s["epoch"]
                 log.debug("saved %s after epoch %d", run_dir / runs.RESUME, s["epoch"])
+                hooks.on_saved(s["epoch"])
 
             hooks.save_state = save_state
         user_on_epoch = hooks.on_epoch
@@ -577,13 +583,12 @@ def run_training(cfg: Config, command: str, hooks: Hooks | None = None, resume: 
 
         hooks.on_epoch = on_epoch
         history = fit(model, transfer, cfg, plan.evaluate, hooks, state)
-        result = finish_run(cfg, command, command_line, plan, history, device, started)
+        result = finish_run(cfg, command, command_line, plan, history, device, started, run_dir)
     return result
 
 
 def finish_run(cfg: Config, command: str, command_line: str, plan: Recipe, history: list[dict],
-               device: torch.device, started: float) -> dict:
-    run_dir = cfg.run_dir
+               device: torch.device, started: float, run_dir: Path) -> dict:
     model, transfer = plan.model, plan.transfer
     train_seconds = sum(r["seconds"] for r in history)
     result = plan.result(model, history)
