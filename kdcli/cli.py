@@ -17,6 +17,7 @@ import logging
 import shlex
 import signal
 import sys
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,9 +25,10 @@ import typer
 import yaml
 from typer.core import TyperGroup
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import omit, report, runs, specialists, teachers, train
+from . import cluster, omit, report, runs, specialists, teachers, train
 from .bench import run_bench
 from .config import Config, check_key, check_type, load_config, load_sweep, packaged_experiment, validate
 from .errors import ConfigError, DataError, Diverged, RunError, UsageProblem
@@ -107,6 +109,13 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set test_eval=false --set hidden=[1200,1200].", show_default=False)]
 BiasShiftOpt = Annotated[Optional[list[str]], typer.Option(
     "--bias-shift", help="Add to output biases, e.g. 3=+3.5 or 7=-7.6,8=-7.6 (repeatable).", show_default=False)]
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", help="Run on a Ray cluster: auto (the running one), local (start one here), or HOST:PORT. "
+    "Needs the ray extra: pip install 'kdcli\\[ray]'.", show_default=False)]
+CpusOpt = Annotated[Optional[float], typer.Option("--cpus-per-run", help="With --ray: CPU cores each run asks for (and its torch threads); default 1.", show_default=False)]
+GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-run", help="With --ray: GPUs each run asks for (a fraction shares one); default 0.", show_default=False)]
+ShipOpt = Annotated[bool, typer.Option(
+    "--ship-runs", help="With --ray: send every run directory back through Ray, even from workers that see this machine's files.")]
 
 
 def default_experiment(filename: str) -> Path:
@@ -130,7 +139,7 @@ def user_errors():
     try:
         yield
     except (ConfigError, DataError, RunError, UsageProblem) as problem:
-        err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2)
     except OSError as problem:  # unwritable directory, full disk: finished files are renamed in atomically
         where = f"{problem.filename}: " if problem.filename else ""
@@ -213,7 +222,7 @@ def resume_hint(command_line: str) -> str:
     """The command that continues this run: the same one with --resume (without --force)."""
     words = [w for w in shlex.split(command_line) if w not in ("--force", "--resume")]
     callbacks = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}
-    command = next((w for w in words[1:] if w in callbacks), None)
+    command = next((w for w in words[1:] if w in callbacks and w != "ray-run"), None)
     if command and "resume" in inspect.signature(callbacks[command]).parameters:
         words.append("--resume")
     return shlex.join(words)
@@ -280,9 +289,13 @@ def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run:
         return None
     check_run_dir(cfg, resume, force)
     command_line = shlex.join(["kdcli", *sys.argv[1:]])
+    on_ray = ON_RAY.get()
     try:
-        with training_progress(cfg) as hooks:
-            result = (trainer or train.run_training)(cfg, command, hooks, resume=resume, command_line=command_line)
+        if on_ray is not None:
+            result = train_on_ray(cluster.Point(cfg, command, command_line, resume, trainer or train.run_training), on_ray)
+        else:
+            with training_progress(cfg) as hooks:
+                result = (trainer or train.run_training)(cfg, command, hooks, resume=resume, command_line=command_line)
     except KeyboardInterrupt:
         if (cfg.run_dir / runs.RESUME).is_file():
             err.print(f"interrupted: the last finished epoch is saved in {cfg.run_dir / runs.RESUME}; "
@@ -306,12 +319,20 @@ def train_command(command: str, cfg: Config, resume: bool, force: bool, dry_run:
 
 
 def check_expectation(cfg: Config, result: dict) -> None:
+    problem = regression(cfg, result)
+    if problem:
+        err.print(f"[bold red]regression:[/] {problem}")
+        raise typer.Exit(code=1)
+
+
+def regression(cfg: Config, result: dict) -> str | None:
+    """'N test errors, expected at most M' when a run misses its experiment's expect_max_errors, else None."""
     if cfg.expect_max_errors is None:
-        return
+        return None
     errors = [m["test_errors"] for m in result["members"]] if "test" not in result else [result["test"]["n_errors"]]
     if max(errors) > cfg.expect_max_errors:
-        err.print(f"[bold red]regression:[/] {max(errors)} test errors, expected at most {cfg.expect_max_errors}")
-        raise typer.Exit(code=1)
+        return f"{max(errors)} test errors, expected at most {cfg.expect_max_errors}"
+    return None
 
 
 @contextlib.contextmanager
@@ -349,6 +370,95 @@ def epoch_status(record: dict, epochs: int) -> str:
             parts.append(f"ensemble {record[f'{split}_ensemble_errors']}")
     parts.append(f"{record['samples_per_s']:,.0f} samples/s")
     return " · ".join(parts)
+
+
+# --- runs on a Ray cluster (kdcli/cluster.py) --------------------------------------
+
+# set by `kdcli ray-run` around the command it runs: train_command then trains there
+ON_RAY: ContextVar[cluster.Settings | None] = ContextVar("on_ray", default=None)
+RAY_RUN_COMMANDS = ("train-teacher", "distill", "train-ensemble", "omit-class", "train-specialists")
+
+
+def ray_settings(address: str | None, cpus_per_run: float | None, gpus_per_run: float | None,
+                 ship_runs: bool) -> cluster.Settings | None:
+    """--ray and its companions as one setting; None when --ray is not given (then neither may they be)."""
+    if address is None:
+        if cpus_per_run is not None or gpus_per_run is not None or ship_runs:
+            raise UsageProblem("--cpus-per-run, --gpus-per-run and --ship-runs go with --ray")
+        return None
+    return cluster.Settings(address, 1.0 if cpus_per_run is None else cpus_per_run,
+                            0.0 if gpus_per_run is None else gpus_per_run, ship_runs)
+
+
+def run_on_ray(points: list[cluster.Point], settings: cluster.Settings, on_outcome) -> list[cluster.Outcome]:
+    """Every point as a Ray task, under one progress bar (off when stderr is not a terminal)."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, disable=not err.is_terminal, transient=False) as progress:
+        what = points[0].name if len(points) == 1 else f"{len(points)} runs"
+        task = progress.add_task(f"{what} on Ray", total=len(points), status="")
+
+        def show(tally: cluster.Tally) -> None:
+            progress.update(task, completed=tally.completed, status=(
+                f"{tally.done}/{tally.total} done · {tally.running} running · {tally.failed} failed · "
+                f"{tally.samples_per_s:,.0f} samples/s"))
+
+        return cluster.run_points(points, settings, on_progress=show, on_outcome=on_outcome,
+                                  on_note=lambda note: out.print(note, highlight=False, soft_wrap=True))
+
+
+def train_on_ray(point: cluster.Point, settings: cluster.Settings) -> dict:
+    """train_command's training as one Ray task; its error, if it failed twice, raised here as a local one is."""
+    (outcome,) = run_on_ray([point], settings, on_outcome=lambda outcome: None)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.result
+
+
+def ray_sweep(configs: list[Config], settings: cluster.Settings, force: bool, verbose: bool) -> None:
+    """`kdcli sweep --ray`: the points a local sweep would train, all at once on the cluster."""
+    setup_logging(verbose)
+    command_line = shlex.join(["kdcli", *sys.argv[1:]])
+    points = []
+    for cfg in configs:
+        cfg = check_teacher(cfg, needed=False)
+        if (cfg.run_dir / runs.RESULT).is_file() and not force:
+            out.print(f"{cfg.run_dir}: finished, kept")
+            continue
+        resume = (cfg.run_dir / runs.RESUME).is_file() and not force
+        check_run_dir(cfg, resume, force)
+        points.append(cluster.Point(cfg, "distill" if cfg.teacher else "train-teacher", command_line, resume))
+    if not points:
+        return
+    try:
+        outcomes = run_on_ray(points, settings, on_outcome=print_outcome)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished runs are kept, the others keep their last saved epoch; "
+                  "the same command continues them", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130)
+    failed = [o for o in outcomes if o.error is not None or regression(o.point.cfg, o.result)]
+    out.print(f"sweep on Ray: {len(outcomes) - len(failed)} of {len(outcomes)} runs finished"
+              + (f", {len(failed)} failed: {', '.join(o.point.name for o in failed)}" if failed else ""), highlight=False)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def print_outcome(outcome: cluster.Outcome) -> None:
+    """One line per finished point of a sweep on Ray: where it is and its errors, or why it failed."""
+    name, run_dir = outcome.point.name, outcome.point.cfg.run_dir
+    if outcome.error is not None:
+        err.print(f"[bold red]failed:[/] {name}: {runs.first_line(outcome.error, 200)}", highlight=False, soft_wrap=True)
+        return
+    result = outcome.result
+    if result.get("test_eval") is False:
+        errors, what = result.get("val_errors") or [], "validation errors"
+    else:
+        errors, what = [m["test_errors"] for m in result["members"]], "test errors"
+    out.print(f"[cyan]{run_dir}[/]: {what} {', '.join(map(str, errors))}, {result['samples_per_s']:,.0f} samples/s "
+              f"({outcome.where})", highlight=False, soft_wrap=True)
+    problem = regression(outcome.point.cfg, result)
+    if problem:
+        err.print(f"[bold red]regression:[/] {name}: {problem}", highlight=False)
 
 
 # --- commands -----------------------------------------------------------------
@@ -462,19 +572,27 @@ def sweep(
     device: DeviceOpt = None, precision: PrecisionOpt = None, data_dir: DataDirOpt = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder for the sweep's runs (default runs).")] = None,
     sets: SetOpt = None,
+    ray: RayOpt = None, cpus_per_run: CpusOpt = None, gpus_per_run: GpusOpt = None, ship_runs: ShipOpt = False,
     force: ForceOpt = False, dry_run: DryRunOpt = False, verbose: VerboseOpt = False,
 ):
     """Run every point of a grid experiment; finished points are kept, interrupted ones resumed.
 
-    Example: [bold]kdcli sweep -c experiments/tsweep.yaml[/] (students of 800, 300 and 30 units, T from 1 to 20)
+    Example: [bold]kdcli sweep -c experiments/tsweep.yaml[/] (students of 800, 300 and 30 units, T from 1 to 20);
+    on a Ray cluster, every point a task: [bold]kdcli sweep -c experiments/tsweep.yaml --ray auto[/]
     """
     with user_errors():
+        on_ray = ray_settings(ray, cpus_per_run, gpus_per_run, ship_runs)
+        if on_ray is not None:
+            cluster.require_ray()
         path = config or default_experiment("tsweep.yaml")
         overrides = flag_overrides(teacher=teacher, epochs=epochs, seed=seed, device=device, precision=precision,
                                    data_dir=data_dir)
         configs = load_sweep(path, overrides, parse_sets(sets))
         if out_dir:
             configs = [dataclasses.replace(c, out=str(Path(out_dir) / c.name)) for c in configs]
+        if on_ray is not None and not dry_run:
+            ray_sweep(configs, on_ray, force, verbose)
+            return
         for cfg in configs:
             command = "distill" if cfg.teacher else "train-teacher"
             if not dry_run:
@@ -484,6 +602,32 @@ def sweep(
                 continue
             resume = (cfg.run_dir / runs.RESUME).is_file() and not force
             train_command(command, cfg, resume=resume, force=force, dry_run=dry_run, verbose=verbose)
+
+
+@app.command("ray-run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ray_run(
+    ctx: typer.Context,
+    ray: RayOpt = "auto", cpus_per_run: CpusOpt = None, gpus_per_run: GpusOpt = None, ship_runs: ShipOpt = False,
+):
+    """Run one training command as a Ray task; its run directory lands here, as a local run's would.
+
+    Example: [bold]kdcli ray-run --ray auto -- distill -c experiments/distill.yaml[/]
+    (what [bold]make paper RAY=auto[/] runs for each row; a sweep has its own: [bold]kdcli sweep --ray auto[/])
+    """
+    with user_errors():
+        words = list(ctx.args)
+        if not words or words[0] not in RAY_RUN_COMMANDS:
+            raise UsageProblem(f"ray-run runs one of {', '.join(RAY_RUN_COMMANDS)}, e.g. kdcli ray-run --ray auto -- "
+                               f"distill -c experiments/distill.yaml (got: {' '.join(words) or 'nothing'})")
+        settings = ray_settings(ray, cpus_per_run, gpus_per_run, ship_runs)
+        cluster.require_ray()
+    token = ON_RAY.set(settings)
+    try:
+        code = typer.main.get_command(app).main(words, prog_name="kdcli", standalone_mode=False)
+    finally:
+        ON_RAY.reset(token)
+    if isinstance(code, int) and code:
+        raise typer.Exit(code=code)
 
 
 @app.command("report")
