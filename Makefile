@@ -10,6 +10,13 @@ SEEDS  ?= 1
 # CUDA); empty keeps each experiment file's own precision (fp32, with which results/ was made)
 PRECISION ?=
 PRECISION_FLAG = $(if $(PRECISION),--precision $(PRECISION))
+# `make paper RAY=auto`: every run as a Ray task on the running cluster (RAY=HOST:PORT: another one; RAY=local:
+# a Ray started here for each run), in the same dependency order; RAY_FLAGS="--cpus-per-run 2 --gpus-per-run 1"
+# sets what each run asks for, --ship-runs sends every run back through Ray (README, "On a Ray cluster")
+RAY ?=
+RAY_FLAGS ?=
+ON_RAY = $(if $(RAY),$(strip ray-run --ray $(RAY) $(RAY_FLAGS)) -- )
+SWEEP_ON_RAY = $(if $(RAY),--ray $(RAY) $(RAY_FLAGS))
 # The shared data folder of this project's machines, when present; else kdcli's own lookup
 # ($$KDCLI_DATA_DIR, then the cache, then torchvision's downloader).
 ifneq ($(wildcard ../shared/data/mnist),)
@@ -53,7 +60,7 @@ endif
 # $(1) run name, $(2) command, $(3) experiment file stem, $(4) extra flags, $(5) prerequisites
 define RUN
 $(RUNS)/$(1)/result.json: $(5)
-	$(KDCLI) $(2) -c $(EXP)/$(3).yaml --out $(RUNS)/$(1) $(4) $(PRECISION_FLAG) $$(call start,$(RUNS)/$(1))
+	$(KDCLI) $(ON_RAY)$(2) -c $(EXP)/$(3).yaml --out $(RUNS)/$(1) $(4) $(PRECISION_FLAG) $$(call start,$(RUNS)/$(1))
 endef
 $(eval $(call RUN,teacher,train-teacher,teacher,,))
 $(eval $(call RUN,student,train-teacher,student,,))
@@ -102,8 +109,8 @@ data3pct: $(foreach d,data3pct-hard data3pct-hard-es data3pct-soft,$(RUNS)/$(d)/
 # the sweep keeps finished grid points and resumes interrupted ones by itself
 # seed k of the sweep (runs tsweep-sK-<width>) distils from teacher k
 tsweep: $(call teacher_dep,1) $(foreach s,$(EXTRA_SEEDS),$(call teacher_dep,$(s)))
-	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(call teacher_of,1) $(PRECISION_FLAG)
-	$(foreach s,$(EXTRA_SEEDS),$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --seed $(s) --set name=tsweep-s$(s) --teacher $(call teacher_of,$(s)) $(PRECISION_FLAG) && ) true
+	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(call teacher_of,1) $(PRECISION_FLAG) $(SWEEP_ON_RAY)
+	$(foreach s,$(EXTRA_SEEDS),$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --seed $(s) --set name=tsweep-s$(s) --teacher $(call teacher_of,$(s)) $(PRECISION_FLAG) $(SWEEP_ON_RAY) && ) true
 report:
 	$(KDCLI) report --runs $(RUNS) --out $(RESULTS) $(REPORT_TEACHERS)
 
