@@ -89,12 +89,15 @@ def two_nodes(folder: Path):
     """A head and a worker node, each with a temp dir of its own; both stopped however the module ends."""
     temp_dirs = [tempfile.mkdtemp(prefix="kdray") for _ in range(2)]  # short: Ray's socket paths must fit
     port, nodes = free_port(), []
+    # the workers' scratch folders too, which a worker killed with its node leaves behind
+    env = dict(os.environ, TMPDIR=str(folder / "scratch"))
+    (folder / "scratch").mkdir()
     try:
         nodes.append(start_node(["--head", "--port", str(port), "--include-dashboard", "false",
-                                 "--temp-dir", temp_dirs[0]], folder / "head.log", dict(os.environ)))
+                                 "--temp-dir", temp_dirs[0]], folder / "head.log", env))
         # only the worker node pauses runs, when a test arms it (kdcli.cluster.PAUSE_ENV)
         nodes.append(start_node(["--address", f"127.0.0.1:{port}", "--temp-dir", temp_dirs[1]], folder / "worker.log",
-                                dict(os.environ, KDCLI_RAY_PAUSE_DIR=str(folder / "pause"))))
+                                dict(env, KDCLI_RAY_PAUSE_DIR=str(folder / "pause"))))
         yield SimpleNamespace(address=f"127.0.0.1:{port}", pause=folder / "pause", worker=nodes[1], folder=folder)
     finally:
         for node in reversed(nodes):
