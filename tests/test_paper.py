@@ -14,7 +14,7 @@ from conftest import REPO
 def test_make_paper_smoke_builds_the_report(tmp_path, data_dir):
     runs, results = tmp_path / "runs", tmp_path / "results"
     kdcli = f"{sys.executable} -m kdcli"
-    command = ["make", "--no-print-directory", "paper", "EXP=experiments/smoke", f"RUNS={runs}",
+    command = ["make", "--no-print-directory", "-j2", "paper", "EXP=experiments/smoke", f"RUNS={runs}",
                f"RESULTS={results}", f"KDCLI={kdcli}", f"KDCLI_DATA_DIR={data_dir}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -33,7 +33,7 @@ def test_make_paper_smoke_builds_the_report(tmp_path, data_dir):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_jitter_smoke_adds_the_beyond_the_paper_rows(tmp_path, data_dir):
     runs, results = tmp_path / "runs", tmp_path / "results"
-    command = ["make", "--no-print-directory", "jitter", "EXP=experiments/smoke", f"RUNS={runs}", f"RESULTS={results}",
+    command = ["make", "--no-print-directory", "-j2", "jitter", "EXP=experiments/smoke", f"RUNS={runs}", f"RESULTS={results}",
                f"KDCLI={sys.executable} -m kdcli", f"KDCLI_DATA_DIR={data_dir}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

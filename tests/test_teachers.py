@@ -132,7 +132,7 @@ def test_make_paper_smoke_builds_on_released_teachers(teacher_run, tmp_path, dat
     for seed in (1, 2):  # one smoke teacher stands in for each released seed
         assert kdcli("release-teacher", teacher_run, "--name", f"smoke-s{seed}", "--into", tmp_path / "teachers").exit_code == 0
     runs, results = tmp_path / "runs", tmp_path / "results"
-    command = ["make", "--no-print-directory", "paper", "SEEDS=2", "EXP=experiments/smoke", f"RUNS={runs}",
+    command = ["make", "--no-print-directory", "-j2", "paper", "SEEDS=2", "EXP=experiments/smoke", f"RUNS={runs}",
                f"RESULTS={results}", f"TEACHERS_DIR={tmp_path / 'teachers'}", "RELEASE=smoke",
                f"KDCLI={sys.executable} -m kdcli", f"KDCLI_DATA_DIR={data_dir}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
