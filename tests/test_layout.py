@@ -17,7 +17,7 @@ from kdcli import rows
 EXPERIMENTS = REPO / "experiments"
 # a path ends in .yaml; braces {a,b}, optional parts [-x] or [-x|-y] and globs (*) are expanded below
 TOKEN = re.compile(r"(?<![\w./-])[\w./{},\[\]|*<>-]*?\.yaml")
-SMOKE_RUN = re.compile(r'"make", "--no-print-directory", "([\w-]+)", (?:"[^"]*", )*"EXP=experiments/smoke"')
+SMOKE_RUN = re.compile(r'"make", "--no-print-directory", (?:"-j\d+", )?"([\w-]+)", (?:"[^"]*", )*"EXP=experiments/smoke"')
 
 
 def expand(pattern: str) -> list[str]:
