@@ -259,7 +259,7 @@ def check_teacher(cfg: Config, needed: bool) -> Config:
     experiments' runs/teacher, when absent, is replaced by the released teacher, in one line."""
     if needed and not cfg.teacher:
         raise UsageProblem("no teacher given: set 'teacher' in the experiment file or pass --teacher")
-    specs = [p.strip() for p in (cfg.teacher or "").split(",") if p.strip()]  # several form one ensemble teacher
+    specs = teachers.specs(cfg.teacher)
     for i, spec in enumerate(specs):
         found = teachers.locate(spec)
         if found is None and spec == teachers.DEFAULT_RUN:
@@ -420,14 +420,9 @@ def ray_sweep(configs: list[Config], settings: cluster.Settings, force: bool, ve
     setup_logging(verbose)
     command_line = shlex.join(["kdcli", *sys.argv[1:]])
     points = []
-    for cfg in configs:
-        cfg = check_teacher(cfg, needed=False)
-        if (cfg.run_dir / runs.RESULT).is_file() and not force:
-            out.print(f"{cfg.run_dir}: finished, kept")
-            continue
-        resume = (cfg.run_dir / runs.RESUME).is_file() and not force
+    for cfg, command, resume in points_to_train(configs, force):
         check_run_dir(cfg, resume, force)
-        points.append(cluster.Point(cfg, "distill" if cfg.teacher else "train-teacher", command_line, resume))
+        points.append(cluster.Point(cfg, command, command_line, resume))
     if not points:
         return
     try:
@@ -593,15 +588,20 @@ def sweep(
         if on_ray is not None and not dry_run:
             ray_sweep(configs, on_ray, force, verbose)
             return
-        for cfg in configs:
-            command = "distill" if cfg.teacher else "train-teacher"
-            if not dry_run:
-                cfg = check_teacher(cfg, needed=False)
-            if (cfg.run_dir / runs.RESULT).is_file() and not force and not dry_run:
-                out.print(f"{cfg.run_dir}: finished, kept")
-                continue
-            resume = (cfg.run_dir / runs.RESUME).is_file() and not force
+        for cfg, command, resume in points_to_train(configs, force, dry_run):
             train_command(command, cfg, resume=resume, force=force, dry_run=dry_run, verbose=verbose)
+
+
+def points_to_train(configs: list[Config], force: bool, dry_run: bool = False):
+    """A sweep's points as (config, command, resume), teachers checked; finished ones are kept and said so."""
+    for cfg in configs:
+        command = "distill" if cfg.teacher else "train-teacher"
+        if not dry_run:
+            cfg = check_teacher(cfg, needed=False)
+        if (cfg.run_dir / runs.RESULT).is_file() and not force and not dry_run:
+            out.print(f"{cfg.run_dir}: finished, kept")
+            continue
+        yield cfg, command, (cfg.run_dir / runs.RESUME).is_file() and not force
 
 
 @app.command("ray-run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

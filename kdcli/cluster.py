@@ -226,7 +226,7 @@ def make_job(ray, point: Point, settings: Settings, ledger, token: str) -> Job:
 def input_files(ray, cfg: Config) -> dict:
     """The teacher's and init_from's files, in the object store: a worker without the driver's files
     fetches them; one with them never does (refs inside an argument are not fetched by themselves)."""
-    specs = [s.strip() for s in (cfg.teacher or "").split(",") if s.strip()] + ([cfg.init_from] if cfg.init_from else [])
+    specs = teachers.specs(cfg.teacher) + ([cfg.init_from] if cfg.init_from else [])
     inputs = {}
     for spec in specs:
         path = teachers.locate(spec)
@@ -470,7 +470,7 @@ def local_inputs(job: Job, ray, folder: Path) -> dict:
         for name, ref in files:
             (target / name).write_bytes(ray.get(ref))
         local[spec] = str(target) if teachers.is_released(target) else str(target / files[0][0])
-    teacher = ",".join(local.get(s.strip(), s.strip()) for s in (job.cfg.teacher or "").split(",") if s.strip())
+    teacher = ",".join(local.get(spec, spec) for spec in teachers.specs(job.cfg.teacher))
     return {"teacher": teacher or job.cfg.teacher, "init_from": local.get(job.cfg.init_from, job.cfg.init_from)}
 
 

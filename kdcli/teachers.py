@@ -58,6 +58,11 @@ def roots() -> list[Path]:
     return found
 
 
+def specs(teacher: str | None) -> list[str]:
+    """The teachers a config's `teacher` names: several, comma-separated, form one ensemble teacher."""
+    return [spec.strip() for spec in (teacher or "").split(",") if spec.strip()]
+
+
 def is_released(path: Path) -> bool:
     return (Path(path) / WEIGHTS).is_file() or (Path(path) / CHECKSUMS).is_file()
 

@@ -364,7 +364,7 @@ def restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, be
 def load_teacher(spec: str | Path, device: torch.device) -> tuple[StackedMLP, dict]:
     """A frozen teacher in eval mode: one run (a single model or an ensemble run),
     or several runs separated by commas, stacked into one ensemble."""
-    loaded = [teachers.load_any(path.strip()) for path in str(spec).split(",") if path.strip()]
+    loaded = [teachers.load_any(path) for path in teachers.specs(str(spec))]
     if not loaded:
         raise runs.RunError("no teacher given")
     datasets = {payload.get("config", {}).get("dataset", "mnist") for _, payload in loaded}
