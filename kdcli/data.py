@@ -201,15 +201,20 @@ def class_filter(labels: torch.Tensor, omit: list[int], keep: list[int]) -> torc
 
 # --- augmentation -----------------------------------------------------------
 
-def jitter(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def jitter(images: torch.Tensor, max_shift: int,
+           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Shift each image by its own random (dy, dx) in [-max_shift, max_shift],
-    filling with zeros. images: (..., 28, 28); one gather for the whole batch."""
+    filling with zeros. images: (..., 28, 28); one gather for the whole batch.
+    A list of generators, one per member (images' first dimension), draws member k's
+    shifts from generators[k], as a single run seeded like member k draws them."""
     if max_shift == 0:
         return images
     lead, (h, w) = images.shape[:-2], images.shape[-2:]
     flat = images.reshape(-1, h, w)
     n = flat.shape[0]
-    shifts = torch.randint(-max_shift, max_shift + 1, (2, n), generator=generator).to(images.device)
+    generators = generator if isinstance(generator, list) else [generator]
+    shifts = torch.cat([torch.randint(-max_shift, max_shift + 1, (2, n // len(generators)), generator=g)
+                        for g in generators], dim=1).to(images.device)
     padded = torch.nn.functional.pad(flat, (max_shift,) * 4)  # (n, h+2s, w+2s)
     # every shifted window as a strided view; indexing copies only the chosen one
     # (about 5x cheaper than gathering pixel by pixel)

@@ -209,16 +209,15 @@ def fit(
     precision = mixed_precision(cfg, device)  # one context, entered every step
     optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, steps)
-    torch.manual_seed(cfg.seed)  # dropout masks
-    random.seed(cfg.seed)  # kdcli draws nothing from these two; seeded and saved so extensions resume exactly
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # kdcli draws nothing from these three; seeded and saved so extensions resume exactly
     np.random.seed(cfg.seed % 2**32)
-    order_rngs = [torch.Generator().manual_seed(s + 7919) for s in member_seeds(cfg.seed, members)]
-    jitter_rng = torch.Generator().manual_seed(cfg.seed + 104729)
+    rngs = MemberStreams(member_seeds(cfg.seed, members), device)
     history: list[dict] = []
     best = EarlyStopping(model) if cfg.early_stopping else None
     start_epoch = 0
     if state is not None:
-        start_epoch, history = restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, best)
+        start_epoch, history = restore_state(state, model, optimizer, scheduler, rngs, best)
         log.info("resuming after epoch %d of %d", start_epoch, cfg.epochs)
 
     hooks.on_start(start_epoch, cfg.epochs, steps)
@@ -227,17 +226,17 @@ def fit(
         if cfg.momentum_ramp:
             for group in optimizer.param_groups:
                 group["momentum"] = momentum_at(cfg, epoch)
-        order = transfer.epoch_order(order_rngs).to(device)  # (members, n)
+        order = transfer.epoch_order(rngs.order).to(device)  # (members, n)
         step_losses = torch.zeros(steps, device=device)
         started = time.perf_counter()
         for step in range(steps):
             idx = order[:, step * batch : (step + 1) * batch]  # (members, b)
             images = gather_rows(transfer.images, idx)  # (members, b, 28, 28)
             if cfg.jitter:
-                images = jitter(images, cfg.jitter, jitter_rng)
+                images = jitter(images, cfg.jitter, rngs.jitter)
             x = images.flatten(-2)
             with precision:
-                logits = model(x)
+                logits = model(x, rngs.dropout)
             loss = distillation_loss(logits.float(), transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha, cfg.match)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -269,7 +268,7 @@ def fit(
         history.append(record)
         hooks.on_epoch(record)
         if hooks.save_state is not None:
-            hooks.save_state(capture_state(epoch + 1, history, model, optimizer, scheduler, order_rngs, jitter_rng, best))
+            hooks.save_state(capture_state(epoch + 1, history, model, optimizer, scheduler, rngs, best))
     if best is not None:
         best.restore()
         history[-1]["best_epoch"] = best.best_epoch
@@ -310,15 +309,47 @@ class EarlyStopping:
         self.weights = [w.to(p.device) for w, p in zip(state["weights"], self.model.parameters())]
 
 
-def capture_state(epoch, history, model, optimizer, scheduler, order_rngs, jitter_rng, best) -> dict:
+class MemberStreams:
+    """Each member's own random streams: data order, jitter shifts and dropout masks,
+    seeded from the member's seed. So member k of a stack draws exactly what a single
+    run seeded like member k draws, and a stack trains its members as separate runs."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.device = device
+        self.order = [torch.Generator().manual_seed(s + 7919) for s in seeds]
+        self.jitter = [torch.Generator().manual_seed(s + 104729) for s in seeds]
+        self.dropout = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def state(self) -> dict:
+        return {f"{name}_rngs": [g.get_state() for g in getattr(self, name)] for name in ("order", "jitter", "dropout")}
+
+    def load(self, state: dict) -> None:
+        saved = len(state["order_rngs"])
+        if saved != len(self.order):
+            raise ValueError(f"{saved} members saved, {len(self.order)} in this run")
+        if "dropout_rngs" not in state:
+            state = self._from_shared_streams(state)
+        for name in ("order", "jitter", "dropout"):
+            for g, s in zip(getattr(self, name), state[f"{name}_rngs"]):
+                g.set_state(s)
+
+    def _from_shared_streams(self, state: dict) -> dict:
+        """A resume.pt from kdcli before per-member streams: one jitter stream and the global
+        RNG's dropout masks. For a single run on CPU those are member 0's streams, so it
+        resumes exactly; a stack's members shared them, which no per-member state repeats."""
+        if len(self.order) > 1 or self.device.type != "cpu":
+            raise ValueError("saved by an earlier kdcli whose stacked members shared one jitter and dropout stream")
+        return {**state, "jitter_rngs": [state["jitter_rng"]], "dropout_rngs": [state["torch_rng"]]}
+
+
+def capture_state(epoch, history, model, optimizer, scheduler, rngs: "MemberStreams", best) -> dict:
     return {
         "epoch": epoch,
         "history": history,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "order_rngs": [g.get_state() for g in order_rngs],
-        "jitter_rng": jitter_rng.get_state(),
+        **rngs.state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),  # (version, tuple of 625 ints, gauss): plain values
@@ -333,16 +364,12 @@ def _numpy_rng_state() -> tuple:
     return name, keys.tolist(), int(pos), int(has_gauss), float(cached)
 
 
-def restore_state(state, model, optimizer, scheduler, order_rngs, jitter_rng, best) -> tuple[int, list]:
+def restore_state(state, model, optimizer, scheduler, rngs: "MemberStreams", best) -> tuple[int, list]:
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if len(state["order_rngs"]) != len(order_rngs):
-            raise ValueError(f"{len(state['order_rngs'])} members saved, {len(order_rngs)} in this run")
-        for g, s in zip(order_rngs, state["order_rngs"]):
-            g.set_state(s)
-        jitter_rng.set_state(state["jitter_rng"])
+        rngs.load(state)
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -12,6 +12,7 @@ from kdcli.config import make_config
 from kdcli.data import load_dataset
 from kdcli.models import StackedMLP
 from kdcli.config import ConfigError
+from kdcli.runs import RunError
 from kdcli.train import (Diverged, TransferSet, check_precision, dead_members, fit, mixed_precision,
                          run_training, teacher_targets)
 
@@ -53,15 +54,59 @@ def test_resume_after_interrupt_equals_uninterrupted(synthetic_dir, tmp_path):
     assert not (cfg.run_dir / "resume.pt").exists()
 
 
-def test_stacked_members_train_like_separate_runs(synthetic_dir, tmp_path):
-    stacked = run_training(config(synthetic_dir, tmp_path / "s", members=2, epochs=2), "train-ensemble")
+REGULARISED = dict(dropout_input=0.2, dropout_hidden=0.5, jitter=2, max_norm=2.0)
+
+
+@pytest.mark.parametrize("options", [{}, REGULARISED], ids=["plain", "dropout-jitter-maxnorm"])
+def test_stacked_members_train_like_separate_runs(synthetic_dir, tmp_path, options):
+    """Member k draws its own data order, jitter shifts and dropout masks, those of a single run
+    seeded like it: only the batched matmuls' rounding tells the two apart."""
+    stacked = run_training(config(synthetic_dir, tmp_path / "s", members=2, epochs=2, **options), "train-ensemble")
     for k, seed in enumerate((1, 1001)):
-        single = run_training(config(synthetic_dir, tmp_path / f"m{k}", seed=seed, epochs=2), "train-teacher")
+        single = run_training(config(synthetic_dir, tmp_path / f"m{k}", seed=seed, epochs=2, **options), "train-teacher")
         w_single = weights(tmp_path / f"m{k}" / "run")
         w_stack = weights(tmp_path / "s" / "run")
         for name in w_single:
-            assert torch.allclose(w_stack[name][k : k + 1], w_single[name], atol=1e-4), name
+            assert torch.allclose(w_stack[name][k : k + 1], w_single[name], atol=1e-5), name
         assert abs(stacked["members"][k]["test_errors"] - single["test"]["n_errors"]) <= 1
+
+
+def test_a_stack_resumes_exactly_with_each_members_streams(synthetic_dir, tmp_path):
+    kw = dict(REGULARISED, members=2, epochs=3)
+    full = run_training(config(synthetic_dir, tmp_path / "full", **kw), "train-ensemble")
+    cfg = config(synthetic_dir, tmp_path / "cut", **kw)
+    interrupt_after_epoch(cfg, 2)
+    resumed = run_training(cfg, "train-ensemble", resume=True)
+    assert resumed["members"] == full["members"]
+    wf, wr = weights(tmp_path / "full" / "run"), weights(cfg.run_dir)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+
+
+def as_saved_before_member_streams(resume_pt):
+    """Rewrite a resume.pt as kdcli saved it when a run had one jitter stream and drew its
+    dropout masks from the global RNG (for one member, member 0's streams)."""
+    payload = torch.load(resume_pt, weights_only=True)
+    state = payload["train_state"]
+    state["jitter_rng"], state["torch_rng"] = state.pop("jitter_rngs")[0], state.pop("dropout_rngs")[0]
+    torch.save(payload, resume_pt)
+
+
+def test_a_single_run_saved_before_member_streams_resumes_exactly(synthetic_dir, tmp_path):
+    full = run_training(config(synthetic_dir, tmp_path / "full", **REGULARISED), "train-teacher")
+    cfg = config(synthetic_dir, tmp_path / "cut", **REGULARISED)
+    interrupt_after_epoch(cfg, 2)
+    as_saved_before_member_streams(cfg.run_dir / "resume.pt")
+    assert run_training(cfg, "train-teacher", resume=True)["test"] == full["test"]
+    wf, wr = weights(tmp_path / "full" / "run"), weights(cfg.run_dir)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+
+
+def test_a_stack_saved_before_member_streams_is_refused_in_one_line(synthetic_dir, tmp_path):
+    cfg = config(synthetic_dir, tmp_path / "cut", members=2, **REGULARISED)
+    interrupt_after_epoch(cfg, 2)
+    as_saved_before_member_streams(cfg.run_dir / "resume.pt")
+    with pytest.raises(RunError, match="shared one jitter and dropout stream.*start over with --force"):
+        run_training(cfg, "train-ensemble", resume=True)
 
 
 def test_bf16_runs_the_forward_matmuls_in_bfloat16_and_keeps_fp32_weights():
@@ -127,7 +172,7 @@ def test_jittered_transfer_set_shows_the_teacher_the_shifted_batch(synthetic_dir
 
     student = StackedMLP([24])
     forward = student.forward
-    student.forward = lambda x: (seen_by_student.append(x.detach().clone()), forward(x))[1]
+    student.forward = lambda x, *rngs: (seen_by_student.append(x.detach().clone()), forward(x, *rngs))[1]
     fit(student, TransferSet(data.train_x, data.train_y, teacher=spy_teacher), cfg, evaluate=lambda m: {})
     assert len(seen_by_teacher) == len(seen_by_student) > 0
     assert all(torch.equal(t, s.reshape(t.shape)) for t, s in zip(seen_by_teacher, seen_by_student))
@@ -205,7 +250,7 @@ def test_a_jittered_ensemble_teacher_scores_exactly_the_batch_the_student_sees(s
     seen_by_student = []
     student = StackedMLP([24])
     forward = student.forward
-    student.forward = lambda x: (seen_by_student.append(x.detach().clone()), forward(x))[1]
+    student.forward = lambda x, *rngs: (seen_by_student.append(x.detach().clone()), forward(x, *rngs))[1]
     fit(student, transfer, cfg, evaluate=lambda m: {})
     assert len(scored) == len(seen_by_student) > 0 and all(members == 3 for members, _, _ in scored)
     assert all(torch.equal(x, s.reshape(x.shape)) for (_, x, _), s in zip(scored, seen_by_student))
