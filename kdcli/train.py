@@ -342,7 +342,7 @@ class MemberStreams:
         return {**state, "jitter_rngs": [state["jitter_rng"]], "dropout_rngs": [state["torch_rng"]]}
 
 
-def capture_state(epoch, history, model, optimizer, scheduler, rngs: "MemberStreams", best) -> dict:
+def capture_state(epoch, history, model, optimizer, scheduler, rngs: MemberStreams, best) -> dict:
     return {
         "epoch": epoch,
         "history": history,
@@ -364,7 +364,7 @@ def _numpy_rng_state() -> tuple:
     return name, keys.tolist(), int(pos), int(has_gauss), float(cached)
 
 
-def restore_state(state, model, optimizer, scheduler, rngs: "MemberStreams", best) -> tuple[int, list]:
+def restore_state(state, model, optimizer, scheduler, rngs: MemberStreams, best) -> tuple[int, list]:
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
