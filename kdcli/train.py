@@ -314,6 +314,8 @@ class MemberStreams:
     seeded from the member's seed. So member k of a stack draws exactly what a single
     run seeded like member k draws, and a stack trains its members as separate runs."""
 
+    NAMES = ("order", "jitter", "dropout")  # resume.pt holds each as <name>_rngs, a state per member
+
     def __init__(self, seeds: list[int], device: torch.device):
         self.device = device
         self.order = [torch.Generator().manual_seed(s + 7919) for s in seeds]
@@ -321,7 +323,7 @@ class MemberStreams:
         self.dropout = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def state(self) -> dict:
-        return {f"{name}_rngs": [g.get_state() for g in getattr(self, name)] for name in ("order", "jitter", "dropout")}
+        return {f"{name}_rngs": [g.get_state() for g in getattr(self, name)] for name in self.NAMES}
 
     def load(self, state: dict) -> None:
         saved = len(state["order_rngs"])
@@ -329,7 +331,7 @@ class MemberStreams:
             raise ValueError(f"{saved} members saved, {len(self.order)} in this run")
         if "dropout_rngs" not in state:
             state = self._from_shared_streams(state)
-        for name in ("order", "jitter", "dropout"):
+        for name in self.NAMES:
             for g, s in zip(getattr(self, name), state[f"{name}_rngs"]):
                 g.set_state(s)
 
