@@ -220,7 +220,7 @@ def check_run_dir(cfg: Config, resume: bool, force: bool) -> None:
 
 def resume_hint(command_line: str) -> str:
     """The command that continues this run: the same one with --resume (without --force)."""
-    words = [w for w in shlex.split(command_line) if w not in ("--force", "--resume")]
+    words = shlex.split(runs.fresh_command(command_line))
     callbacks = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}
     command = next((w for w in words[1:] if w in callbacks and w != "ray-run"), None)
     if command and "resume" in inspect.signature(callbacks[command]).parameters:

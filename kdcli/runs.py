@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import tempfile
 import time
 import warnings
@@ -46,6 +47,11 @@ STATES = ("running", "finished", "interrupted", "failed", "incomplete")
 
 
 from .errors import Diverged, RunError, WriteError
+
+
+def fresh_command(command_line: str) -> str:
+    """A recorded command line as one runs it anew: without the --force or --resume of the run that recorded it."""
+    return shlex.join(w for w in shlex.split(command_line) if w not in ("--force", "--resume"))
 
 
 def first_line(err: BaseException, limit: int = 120) -> str:

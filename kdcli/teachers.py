@@ -190,7 +190,7 @@ def describe(folder: Path) -> dict:
         config = {}
     return {"name": folder.name, "path": str(folder), "checksum": state,
             "test_errors": (result.get("test") or {}).get("n_errors"),
-            "recipe": recipe_summary(config), "command": result.get("command_line", ""),
+            "recipe": recipe_summary(config), "command": runs.fresh_command(result.get("command_line", "")),
             "train_seconds": result.get("train_seconds"), "device_name": result.get("device_name")}
 
 

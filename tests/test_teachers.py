@@ -101,6 +101,17 @@ def test_kdcli_teachers_lists_test_errors_recipe_checksum_and_command(released, 
     assert "sha256" in teachers.describe(released)["checksum"]
 
 
+def test_a_teacher_resumed_on_its_way_lists_the_command_that_trains_it_anew(teacher_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(teacher_run, resumed)
+    result = json.loads((resumed / "result.json").read_text())
+    fresh = result["command_line"]
+    (resumed / "result.json").write_text(json.dumps({**result, "command_line": fresh + " --resume"}))
+    assert kdcli("release-teacher", resumed, "--name", "x-s1", "--into", tmp_path / "teachers").exit_code == 0
+    row = teachers.describe(tmp_path / "teachers" / "x-s1")
+    assert row["command"] == fresh and row["checksum"] == "ok"
+
+
 def test_release_refuses_blind_runs_unfinished_runs_and_a_second_release(released, teacher_run, tmp_path):
     line = one_line_error(kdcli("release-teacher", teacher_run, "--name", "mnist-1200-s1"))
     assert "released once" in line
