@@ -194,9 +194,15 @@ def collect_results(runs_dir: Path) -> dict[str, dict]:
     for path in sorted(Path(runs_dir).glob(f"*/{runs.RESULT}")):
         result = runs.read_result(path.parent)
         if result is not None:
-            result["command_line"] = relative_to_cwd(result.get("command_line", ""))
+            result["command_line"] = shown_command(result)
             found[path.parent.name] = result
     return found
+
+
+def shown_command(result: dict) -> str:
+    """The command a reader reruns to make the run again: paths relative, and without the
+    --force or --resume that depended on what the run folder held when it was made."""
+    return runs.fresh_command(relative_to_cwd(result.get("command_line", "")))
 
 
 def relative_to_cwd(text: str) -> str:
@@ -644,7 +650,7 @@ def released_teacher_results(prefix: str) -> dict[str, dict]:
         teachers.verify(folder)
         result = runs.read_result(folder)
         if result is not None:
-            result["command_line"] = relative_to_cwd(result.get("command_line", ""))
+            result["command_line"] = shown_command(result)
             found["teacher" if seed.group(1) == "1" else f"teacher-s{seed.group(1)}"] = result
     if not found:
         raise runs.RunError(f"no released teachers {prefix}-s1, -s2, ...: kdcli teachers lists those there are")

@@ -49,7 +49,8 @@ def test_make_jitter_smoke_adds_the_beyond_the_paper_rows(tmp_path, data_dir):
     assert (results / "omit-3-jitter-bias.png").stat().st_size > 1000
 
 
-def test_report_shows_paths_under_the_working_directory_relative(tmp_path, monkeypatch):
+def report_of_one_teacher_run(tmp_path, monkeypatch, command: str) -> str:
+    """The report of a runs/ folder holding one teacher run recorded with `command` (a format of its folder)."""
     import io
 
     from rich.console import Console
@@ -59,14 +60,25 @@ def test_report_shows_paths_under_the_working_directory_relative(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "runs" / "teacher"
     run.mkdir(parents=True)
-    command = f"kdcli train-teacher -c experiments/teacher.yaml --out {run} --force"
-    result = {"command": "train-teacher", "name": "teacher", "command_line": command, "wall_seconds": 1.0,
-              "test": {"n_errors": 70, "n_examples": 10000}}
+    result = {"command": "train-teacher", "name": "teacher", "command_line": command.format(run=run),
+              "wall_seconds": 1.0, "test": {"n_errors": 70, "n_examples": 10000}}
     (run / "result.json").write_text(json.dumps(result))
-    report = build_report(tmp_path / "runs", tmp_path / "results", Console(file=io.StringIO())).read_text()
+    return build_report(tmp_path / "runs", tmp_path / "results", Console(file=io.StringIO())).read_text()
+
+
+def test_report_shows_paths_under_the_working_directory_relative(tmp_path, monkeypatch):
+    report = report_of_one_teacher_run(tmp_path, monkeypatch, "kdcli train-teacher -c experiments/teacher.yaml --out {run}")
     assert str(tmp_path) not in report
     assert "from the `result.json` files under `runs/`" in report
-    assert "`kdcli train-teacher -c experiments/teacher.yaml --out runs/teacher --force`" in report
+    assert "`kdcli train-teacher -c experiments/teacher.yaml --out runs/teacher`" in report
+
+
+@pytest.mark.parametrize("start", ["--force", "--resume"])
+def test_report_shows_each_run_with_the_command_that_makes_it_anew(tmp_path, monkeypatch, start):
+    report = report_of_one_teacher_run(tmp_path, monkeypatch,
+                                       f"kdcli train-teacher -c experiments/teacher.yaml --out runs/teacher {start}")
+    assert start not in report
+    assert "`kdcli train-teacher -c experiments/teacher.yaml --out runs/teacher`" in report
 
 
 def test_report_gives_the_only_7_8_error_to_a_hundredth_of_a_percent():
