@@ -192,17 +192,19 @@ TSWEEP_PAPER = registry.TSWEEP.paper
 def collect_results(runs_dir: Path) -> dict[str, dict]:
     found = {}
     for path in sorted(Path(runs_dir).glob(f"*/{runs.RESULT}")):
-        result = runs.read_result(path.parent)
+        result = read_shown_result(path.parent)
         if result is not None:
-            result["command_line"] = shown_command(result)
             found[path.parent.name] = result
     return found
 
 
-def shown_command(result: dict) -> str:
-    """The command a reader reruns to make the run again: paths relative, and without the
+def read_shown_result(run_dir: Path) -> dict | None:
+    """A run's result with its command as a reader reruns it: paths relative, and without the
     --force or --resume that depended on what the run folder held when it was made."""
-    return runs.fresh_command(relative_to_cwd(result.get("command_line", "")))
+    result = runs.read_result(run_dir)
+    if result is not None:
+        result["command_line"] = runs.fresh_command(relative_to_cwd(result.get("command_line", "")))
+    return result
 
 
 def relative_to_cwd(text: str) -> str:
@@ -648,9 +650,8 @@ def released_teacher_results(prefix: str) -> dict[str, dict]:
         if not seed or not teachers.is_released(folder):
             continue
         teachers.verify(folder)
-        result = runs.read_result(folder)
+        result = read_shown_result(folder)
         if result is not None:
-            result["command_line"] = shown_command(result)
             found["teacher" if seed.group(1) == "1" else f"teacher-s{seed.group(1)}"] = result
     if not found:
         raise runs.RunError(f"no released teachers {prefix}-s1, -s2, ...: kdcli teachers lists those there are")

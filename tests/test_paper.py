@@ -50,7 +50,8 @@ def test_make_jitter_smoke_adds_the_beyond_the_paper_rows(tmp_path, data_dir):
 
 
 def report_of_one_teacher_run(tmp_path, monkeypatch, command: str) -> str:
-    """The report of a runs/ folder holding one teacher run recorded with `command` (a format of its folder)."""
+    """The report of a runs/ folder holding one teacher run whose recorded command is `command`
+    ({run} in it stands for the run's folder)."""
     import io
 
     from rich.console import Console
