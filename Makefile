@@ -41,13 +41,24 @@ start = $(if $(wildcard $(1)/resume.pt),--resume,--force)
 # (or `make teachers`) retrains them from nothing with experiments/teacher.yaml, the released recipe, into $(RUNS)/.
 RELEASE  ?= mnist-1200
 TEACHERS_DIR ?= teachers
-TEACHERS ?= $(if $(wildcard $(TEACHERS_DIR)/$(RELEASE)-s1/SHA256SUMS),released,scratch)
+# released only when every seed asked for is: a partial release (seed 1 alone) trains them all here instead
+RELEASED_SEEDS = $(strip $(foreach s,1 2 3,$(if $(wildcard $(TEACHERS_DIR)/$(RELEASE)-s$(s)/SHA256SUMS),$(s))))
+UNRELEASED_SEEDS = $(filter-out $(RELEASED_SEEDS),1 $(EXTRA_SEEDS))
+TEACHERS ?= $(if $(RELEASED_SEEDS),$(if $(UNRELEASED_SEEDS),scratch,released),scratch)
+ifeq ($(origin TEACHERS)$(TEACHERS),filescratch)
+ifneq ($(RELEASED_SEEDS),)
+$(info kdcli: no released teacher for seed $(firstword $(UNRELEASED_SEEDS)) in $(TEACHERS_DIR)/: training every teacher here (TEACHERS=scratch))
+endif
+endif
 ifeq ($(TEACHERS),released)
 teacher_of  = $(TEACHERS_DIR)/$(RELEASE)-s$(1)
 teacher_dep =
 REPORT_TEACHERS = --teachers $(TEACHERS_DIR)/$(RELEASE)
 ifneq ($(filter-out 1 2 3,$(SEEDS:%=%)),)
 $(error kdcli releases teachers for seeds 1-3: for SEEDS=$(SEEDS) train them here with TEACHERS=scratch)
+endif
+ifneq ($(UNRELEASED_SEEDS),)
+$(error no released teacher for seed $(firstword $(UNRELEASED_SEEDS)) in $(TEACHERS_DIR)/: train them here with TEACHERS=scratch)
 endif
 else ifeq ($(TEACHERS),scratch)
 teacher_of  = $(RUNS)/teacher$(if $(filter-out 1,$(1)),-s$(1))

@@ -160,3 +160,24 @@ def test_make_paper_smoke_builds_on_released_teachers(teacher_run, tmp_path, dat
     assert f"| {expected:.1f} [{expected:.0f}–{expected:.0f}] | 2 |" in teacher_row and "| 58 (no max-norm) |" in teacher_row
     distilled = next(line for line in report.splitlines() if line.startswith("| student distilled at T = 20"))
     assert "| unjittered, 1,000 images |" in distilled
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_paper_uses_released_teachers_only_when_every_seed_asked_for_is_released(tmp_path):
+    import subprocess
+
+    (tmp_path / "teachers" / "mnist-1200-s1").mkdir(parents=True)
+    (tmp_path / "teachers" / "mnist-1200-s1" / teachers.CHECKSUMS).write_text("")  # a partial release: seed 1 alone
+
+    def dry_run(*args):
+        return subprocess.run(["make", "-n", "--no-print-directory", "paper", f"TEACHERS_DIR={tmp_path / 'teachers'}",
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    one_seed = dry_run("SEEDS=1")
+    assert one_seed.returncode == 0 and "experiments/teacher.yaml" not in one_seed.stdout
+    assert f"--teacher {tmp_path / 'teachers' / 'mnist-1200-s1'}" in one_seed.stdout
+    three_seeds = dry_run("SEEDS=3")
+    assert three_seeds.returncode == 0 and "train-teacher -c experiments/teacher.yaml --out runs/teacher-s3" in three_seeds.stdout
+    assert "no released teacher for seed 2" in three_seeds.stdout and "mnist-1200-s1" not in three_seeds.stdout
+    forced = dry_run("SEEDS=3", "TEACHERS=released")
+    assert forced.returncode != 0 and "no released teacher for seed 2" in forced.stderr
