@@ -18,7 +18,7 @@ byte or a truncated file is refused with one line naming it. Nothing is ever dow
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import re
 import shutil
@@ -41,10 +41,12 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 def packaged_teachers() -> Path | None:
     """The released teachers inside an installed wheel (package kdcli.released, mapped from teachers/ by
     pyproject.toml once teachers are released), or None in a checkout."""
-    try:
-        return Path(str(importlib.resources.files("kdcli.released")))
-    except ModuleNotFoundError:
+    # a namespace package (teachers/ holds no __init__.py), so its folder comes from the import spec:
+    # importlib.resources.files() gives a MultiplexedPath there, not a filesystem path
+    spec = importlib.util.find_spec("kdcli.released")
+    if spec is None or not spec.submodule_search_locations:
         return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def roots() -> list[Path]:

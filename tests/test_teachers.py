@@ -181,3 +181,16 @@ def test_make_paper_uses_released_teachers_only_when_every_seed_asked_for_is_rel
     assert "no released teacher for seed 2" in three_seeds.stdout and "mnist-1200-s1" not in three_seeds.stdout
     forced = dry_run("SEEDS=3", "TEACHERS=released")
     assert forced.returncode != 0 and "no released teacher for seed 2" in forced.stderr
+
+
+def test_an_installed_wheel_finds_the_teachers_packaged_inside_it(teacher_run, tmp_path, monkeypatch):
+    import kdcli
+
+    # a wheel maps teachers/ to kdcli/released, a folder without __init__.py beside the package's modules
+    installed = tmp_path / "site" / "kdcli"
+    assert kdcli("release-teacher", teacher_run, "--name", "mnist-1200-s1", "--into", installed / "released").exit_code == 0
+    monkeypatch.setattr(kdcli, "__path__", [*kdcli.__path__, str(installed)])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(teachers, "REPO_TEACHERS", tmp_path / "no-checkout-teachers")
+    assert teachers.packaged_teachers() == installed / "released"
+    assert teachers.resolve("mnist-1200") == installed / "released" / "mnist-1200-s1"
