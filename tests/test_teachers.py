@@ -184,12 +184,12 @@ def test_make_paper_uses_released_teachers_only_when_every_seed_asked_for_is_rel
 
 
 def test_an_installed_wheel_finds_the_teachers_packaged_inside_it(teacher_run, tmp_path, monkeypatch):
-    import kdcli
+    import kdcli as package
 
     # a wheel maps teachers/ to kdcli/released, a folder without __init__.py beside the package's modules
     installed = tmp_path / "site" / "kdcli"
     assert kdcli("release-teacher", teacher_run, "--name", "mnist-1200-s1", "--into", installed / "released").exit_code == 0
-    monkeypatch.setattr(kdcli, "__path__", [*kdcli.__path__, str(installed)])
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(installed)])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(teachers, "REPO_TEACHERS", tmp_path / "no-checkout-teachers")
     assert teachers.packaged_teachers() == installed / "released"
