@@ -122,8 +122,10 @@ data3pct: $(foreach d,data3pct-hard data3pct-hard-es data3pct-soft,$(RUNS)/$(d)/
 tsweep: $(call teacher_dep,1) $(foreach s,$(EXTRA_SEEDS),$(call teacher_dep,$(s)))
 	$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --teacher $(call teacher_of,1) $(PRECISION_FLAG) $(SWEEP_ON_RAY)
 	$(foreach s,$(EXTRA_SEEDS),$(KDCLI) sweep -c $(EXP)/tsweep.yaml --out $(RUNS) --seed $(s) --set name=tsweep-s$(s) --teacher $(call teacher_of,$(s)) $(PRECISION_FLAG) $(SWEEP_ON_RAY) && ) true
+# CARRY=results/summary.json keeps an earlier report's ensemble and specialist rows that $(RUNS) has no runs
+# for (marked †; they use no teacher), so the paper's rows can be rebuilt on new teachers alone
 report:
-	$(KDCLI) report --runs $(RUNS) --out $(RESULTS) $(REPORT_TEACHERS)
+	$(KDCLI) report --runs $(RUNS) --out $(RESULTS) $(REPORT_TEACHERS)$(if $(CARRY), --carry $(CARRY))
 
 paper: $(if $(filter scratch,$(TEACHERS)),teacher) student distill data3pct tsweep omit3 only78
 	$(MAKE) --no-print-directory report

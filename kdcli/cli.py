@@ -637,6 +637,9 @@ def report_command(
     released: Annotated[Optional[str], typer.Option(
         "--teachers", help="Read the teacher row from released teachers, e.g. teachers/mnist-1200 (its -s1, -s2, ...).",
         show_default=False)] = None,
+    carry: Annotated[Optional[Path], typer.Option(
+        "--carry", help="An earlier summary.json: keep its ensemble and specialist rows that --runs has no runs for, "
+        "marked as carried.", show_default=False)] = None,
 ):
     """Build the paper-vs-kdcli table from the runs' result.json files.
 
@@ -645,7 +648,7 @@ def report_command(
     with user_errors():
         if not runs_dir.is_dir():
             raise UsageProblem(f"no run directory folder at {runs_dir}")
-        path = build_report(runs_dir, results_dir, out, released)
+        path = build_report(runs_dir, results_dir, out, released, carry)
         out.print(f"wrote [cyan]{path}[/]")
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -618,9 +619,42 @@ def plot_curves(series_by_run: dict[str, dict], path: Path) -> None:
     runs.save_figure(fig, path)
 
 
-def build_report(runs_dir: Path, out_dir: Path, console: Console, released: str | None = None) -> Path:
+def carried_section(label: str) -> str | None:
+    """The section of the report a row belongs to, if it is one a report may carry over from an earlier build:
+    the ensemble and specialist tables (they use no teacher, so a rebuild on new teachers leaves them as they were)."""
+    if "(analogue of §5 on JFT)" in label:
+        return "specialists " + label.split(" (analogue")[0]
+    dataset, _, rest = label.partition(": ")
+    if dataset in {name for _, name in registry.ENSEMBLE_DATASETS} and ("ensemble" in rest or "single" in rest):
+        return "ensembles " + dataset
+    return None
+
+
+def carry_rows(rows: list[dict], earlier: Path) -> list[dict]:
+    """rows, plus the earlier summary's rows of every ensemble or specialist section that rows lack, each marked
+    `carried` and placed after the row that preceded it there. Paper rows are never carried: they follow the teacher."""
+    try:
+        old_rows = json.loads(earlier.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise runs.RunError(f"{earlier}: cannot read an earlier report's rows to carry ({e})") from None
+    present = {carried_section(r["experiment"]) for r in rows}
+    merged = list(rows)
+    previous = None
+    for old in old_rows:
+        section = carried_section(old.get("experiment", ""))
+        if section and section not in present:
+            labels = [r["experiment"] for r in merged]
+            at = labels.index(previous) + 1 if previous in labels else len(merged)
+            merged.insert(at, {**old, "carried": True})
+        previous = old.get("experiment")
+    return merged
+
+
+def build_report(runs_dir: Path, out_dir: Path, console: Console, released: str | None = None,
+                 carry: Path | None = None) -> Path:
     """REPORT.md and summary.json from the runs under runs_dir; `released` (e.g. teachers/mnist-1200):
-    the teacher row is read from the released teachers <released>-s1, -s2, ... instead of runs_dir."""
+    the teacher row is read from the released teachers <released>-s1, -s2, ... instead of runs_dir; `carry`
+    (an earlier summary.json): its ensemble and specialist sections that runs_dir has no runs for are kept, marked."""
     results = collect_results(runs_dir)
     if released:
         results = {k: v for k, v in results.items() if not seed_runs({k: v}, "teacher")}
@@ -628,6 +662,8 @@ def build_report(runs_dir: Path, out_dir: Path, console: Console, released: str 
     rows = paper_rows(results)
     for r in rows:
         r["public"] = PUBLIC.get(r["experiment"], "—")
+    if carry:
+        rows = carry_rows(rows, carry)
     sweep = tsweep_table(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     if sweep:
@@ -675,8 +711,13 @@ def render_markdown(rows: list[dict], sweep: dict, runs_dir: Path, released: str
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['experiment']} | {r['paper']} | {r.get('public', '—')} | {r['kdcli']} | {r['seeds']} | "
+        mark = " †" if r.get("carried") else ""
+        lines.append(f"| {r['experiment']}{mark} | {r['paper']} | {r.get('public', '—')} | {r['kdcli']} | {r['seeds']} | "
                      f"{r.get('transfer') or '—'} | `{r['config']}` | `{r['command']}` |")
+    if any(r.get("carried") for r in rows):
+        lines += ["", "† Carried unchanged from an earlier build (its `summary.json`, `kdcli report --carry`): these rows use no "
+                  "teacher and their", f"runs are not under `{relative_to_cwd(f'{runs_dir}/')}`; each row's command "
+                  "rebuilds it."]
     if any("share of the ensemble's gain kept" in r["experiment"] for r in rows):
         lines += ["", registry.ENSEMBLE_ANALOGUE]
     if sweep:
@@ -688,8 +729,10 @@ def render_markdown(rows: list[dict], sweep: dict, runs_dir: Path, released: str
         for width, by_t in sweep.items():
             lines.append(f"| {width} | " + " | ".join(format_errors(by_t[t]) if t in by_t else "" for t in temps) + " |")
         lines += ["", "![test errors vs temperature](tsweep.png)"]
-    total = sum({r["command"]: r["wall_seconds"] for r in rows}.values())  # a run listed twice counts once
-    lines += ["", f"Wall time of the runs above (as recorded in each result.json): {total / 60:.1f} min.", ""]
+    # a run listed twice counts once; carried rows' runs are not part of this build
+    total = sum({r["command"]: r["wall_seconds"] for r in rows if not r.get("carried")}.values())
+    carried = " (rows marked † excluded)" if any(r.get("carried") for r in rows) else ""
+    lines += ["", f"Wall time of the runs above (as recorded in each result.json){carried}: {total / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 

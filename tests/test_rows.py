@@ -13,6 +13,7 @@ from rich.console import Console
 from conftest import REPO
 from kdcli import rows
 from kdcli.report import build_report
+from kdcli.runs import RunError
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +89,43 @@ def test_the_readme_table_names_registry_targets():
         table.append(line)
     named = {m for line in table for m in re.findall(r"`make ([a-z0-9-]+)`", line)}
     assert named and named <= {r.target for r in rows.ROWS}, named - {r.target for r in rows.ROWS}
+
+
+def test_a_rebuild_carries_the_earlier_ensemble_and_specialist_sections_it_has_no_runs_for(tmp_path):
+    # runs for the teacher and MNIST's ensemble table only; the earlier report also had Fashion-MNIST's and the
+    # specialists' sections, and a teacher row of its own
+    for row in [rows.PAPER[0], *[r for r in rows.ENSEMBLES if not r.stem.endswith("-fashion")]]:
+        (tmp_path / "runs" / row.stem).mkdir(parents=True)
+        (tmp_path / "runs" / row.stem / "result.json").write_text(json.dumps(fake_result(row)))
+    earlier = [
+        {"experiment": rows.PAPER[0].label, "paper": "67", "kdcli": "69.0", "seeds": 5, "config": "", "command": "",
+         "wall_seconds": 1.0},
+        {"experiment": "MNIST: single 300-300 net", "paper": "58.9%", "kdcli": "161.0", "seeds": 3, "config": "",
+         "command": "old-mnist", "wall_seconds": 1.0},
+        {"experiment": "Fashion-MNIST: single 300-300 net", "paper": "58.9%", "kdcli": "991.0", "seeds": 3,
+         "config": "", "command": "old-fashion", "wall_seconds": 600.0},
+        {"experiment": "MNIST (analogue of §5 on JFT): generalist alone, test errors", "paper": "25.0%",
+         "kdcli": "163.7", "seeds": 3, "config": "", "command": "old-specialists", "wall_seconds": 600.0},
+    ]
+    (tmp_path / "earlier.json").write_text(json.dumps({"rows": earlier}))
+    build_report(tmp_path / "runs", tmp_path / "results", Console(file=io.StringIO()), carry=tmp_path / "earlier.json")
+    report = (tmp_path / "results" / "REPORT.md").read_text().splitlines()
+    shown = json.loads((tmp_path / "results" / "summary.json").read_text())["rows"]
+
+    carried = [r["experiment"] for r in shown if r.get("carried")]
+    assert carried == ["Fashion-MNIST: single 300-300 net",
+                       "MNIST (analogue of §5 on JFT): generalist alone, test errors"]
+    assert [r["experiment"] for r in shown].count(rows.PAPER[0].label) == 1  # the new teacher row, not the old
+    assert not any("old-mnist" in line for line in report)  # MNIST's ensemble section was rebuilt
+    assert any(line.startswith("| Fashion-MNIST: single 300-300 net † | 58.9% |") for line in report)
+    assert any(line.startswith("† Carried unchanged") for line in report)
+    # carried runs are not part of this build's wall time: only the rebuilt runs' 1 s each
+    rebuilt = 1 + len([r for r in rows.ENSEMBLES if not r.stem.endswith("-fashion")])
+    assert f"(rows marked † excluded): {rebuilt / 60:.1f} min." in "\n".join(report)
+
+
+def test_an_unreadable_earlier_report_is_one_clear_error(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "earlier.json").write_text("{not json")
+    with pytest.raises(RunError, match="earlier.json: cannot read an earlier report's rows"):
+        build_report(tmp_path / "runs", tmp_path / "results", Console(file=io.StringIO()), carry=tmp_path / "earlier.json")
