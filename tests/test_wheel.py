@@ -47,3 +47,11 @@ def test_a_wheel_installed_elsewhere_finds_its_recipes_and_trains(tmp_path, data
     result = json.loads((elsewhere / "runs" / "distill" / "result.json").read_text())
     assert result["config"]["temperature"] == 20 and result["config"]["teacher"] == "runs/teacher"
     assert result["config"]["epochs"] == 1 and result["n_transfer"] == 600
+
+    # the released teachers travel inside the wheel, checksums and all, and the installed kdcli finds them
+    released = sorted(sums.parent.name for sums in (REPO / "teachers").glob("*/SHA256SUMS"))
+    assert released, "teachers/ holds the released teachers"
+    for name in released:
+        assert f"kdcli/released/{name}/model.safetensors" in names and f"kdcli/released/{name}/SHA256SUMS" in names
+    listing = run(kdcli, "teachers", cwd=elsewhere, env=env).stdout
+    assert all(name in listing for name in released)
