@@ -458,8 +458,10 @@ def specialist_rows(results: dict[str, dict]) -> list[dict]:
         controls = {r.get("seed"): r for r in seed_runs(results, stem.replace("specialists-", "specialists-control-"))}
         if controls:
             control = [test_errors(controls[r.get("seed")]) for r in found if r.get("seed") in controls]
+            first = controls[min(controls)]  # the control row names its own runs' recipe and command
             rows.append({**row("control: the generalist trained further with the specialists' recipe, no clusters",
-                               "—", spread(control), control), "seeds": len(control)})
+                               "—", spread(control), control), "seeds": len(control), "config": config_of(first),
+                         "command": first.get("command_line", ""), "transfer": transfer_protocol(first)})
         rows.append(row(f"generalist + {'/'.join(map(str, k))} specialists, KL combination", SPECIALIST_PAPER["combined"],
                         f"{spread(combined)} ({accuracy('combined')})", combined, wall=True))
         if controls:

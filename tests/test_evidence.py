@@ -160,13 +160,16 @@ def test_the_specialists_claim_is_measured_against_its_control():
         return {"clusters": [[0, 1]], "test": test}
 
     def control(seed, errors):
-        return {"seed": seed, "test": {"n_errors": errors, "n_examples": 10000}, "command_line": ""}
+        return {"seed": seed, "test": {"n_errors": errors, "n_examples": 10000},
+                "command_line": f"kdcli train-teacher -c experiments/specialists-control-fashion.yaml --seed {seed}"}
 
     results = {"specialists-fashion": {"seed": 1, "specialists": section(1000, 980), "command_line": ""},
                "specialists-fashion-s2": {"seed": 2, "specialists": section(1010, 1000), "command_line": ""},
                "specialists-control-fashion": control(1, 990), "specialists-control-fashion-s2": control(2, 990)}
     rows = {r["experiment"].split(": ", 1)[1]: r for r in specialist_rows(results)}
-    assert rows["control: the generalist trained further with the specialists' recipe, no clusters"]["kdcli"] == "990.0 [990–990]"
+    control_row = rows["control: the generalist trained further with the specialists' recipe, no clusters"]
+    assert control_row["kdcli"] == "990.0 [990–990]"
+    assert control_row["command"] == "kdcli train-teacher -c experiments/specialists-control-fashion.yaml --seed 1"
     over = rows["what specialists add over the control: relative change of errors"]
     # by hand: seed 1 (980 - 990) / 990 = -1.01%, seed 2 (1000 - 990) / 990 = +1.01%
     assert over["values"] == pytest.approx([-100 * 10 / 990, 100 * 10 / 990]) and over["seeds"] == 2
