@@ -283,13 +283,18 @@ PUBLIC_SOURCE = registry.PUBLIC_SOURCE
 PUBLIC = registry.public_figures()
 
 
+def provenance(result: dict | None) -> dict:
+    """Where a row comes from: its first run's transfer set, experiment file and command (none: blank)."""
+    return {"transfer": transfer_protocol(result), "config": config_of(result) if result else "",
+            "command": result.get("command_line", "") if result else ""}
+
+
 def seeds_row(found: list[dict], label: str, paper: str) -> dict:
     """One report row: test errors of a row's seed runs (none: "not run")."""
     values = [test_errors(r) for r in found]
     return {"experiment": label, "paper": paper, "kdcli": spread(values), "values": values, "seeds": len(found),
             "by_seed": {r.get("seed"): test_errors(r) for r in found},
-            "transfer": transfer_protocol(found[0] if found else None),
-            "config": config_of(found[0]) if found else "", "command": found[0].get("command_line", "") if found else "",
+            **provenance(found[0] if found else None),
             "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)}
 
 
@@ -353,9 +358,7 @@ def ensemble_rows(results: dict[str, dict]) -> list[dict]:
             nll = f", NLL {sum(nlls) / len(nlls):.4f}" if nlls else ""
             rows.append({"experiment": f"{dataset}: {label}", "paper": ENSEMBLE_PAPER[part],
                          "kdcli": spread(values) + nll, "values": values, "seeds": len(values),
-                         "transfer": transfer_protocol(found[part][0] if found[part] else None),
-                         "config": config_of(found[part][0]) if found[part] else "",
-                         "command": found[part][0].get("command_line", "") if found[part] else "",
+                         **provenance(found[part][0] if found[part] else None),
                          "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found[part]), 1)})
         for part, protocol in (("distilled", "transfer set without jitter"), ("distilled-jitter", "jittered transfer set")):
             if part in by_seed:
@@ -406,8 +409,7 @@ def omit_rows(results: dict[str, dict]) -> list[dict]:
             if protocol != "none" and shifts:
                 kdcli += f", shift {sum(shifts) / len(shifts):+.1f}"
             rows.append({"experiment": f"{experiment}: {label}", "paper": OMIT_PAPER[(stem, protocol)],
-                         "kdcli": kdcli, "values": values, "seeds": len(found), "transfer": transfer_protocol(found[0]),
-                         "config": config_of(found[0]), "command": found[0].get("command_line", ""),
+                         "kdcli": kdcli, "values": values, "seeds": len(found), **provenance(found[0]),
                          "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)
                          if protocol == "none" else 0})
     return rows
@@ -439,8 +441,7 @@ def specialist_rows(results: dict[str, dict]) -> list[dict]:
             continue
         sections = [r["specialists"] for r in found]
         k = sorted({len(s["clusters"]) for s in sections})
-        common = {"seeds": len(found), "config": config_of(found[0]), "command": found[0].get("command_line", ""),
-                  "transfer": transfer_protocol(found[0])}
+        common = {"seeds": len(found), **provenance(found[0])}
 
         def row(label: str, paper: str, kdcli: str, values: list, wall: bool = False) -> dict:
             return {"experiment": f"{dataset} (analogue of §5 on JFT): {label}", "paper": paper, "kdcli": kdcli,
@@ -458,10 +459,9 @@ def specialist_rows(results: dict[str, dict]) -> list[dict]:
         controls = {r.get("seed"): r for r in seed_runs(results, stem.replace("specialists-", "specialists-control-"))}
         if controls:
             control = [test_errors(controls[r.get("seed")]) for r in found if r.get("seed") in controls]
-            first = controls[min(controls)]  # the control row names its own runs' recipe and command
+            # the control row names its own runs' recipe and command, not the specialists'
             rows.append({**row("control: the generalist trained further with the specialists' recipe, no clusters",
-                               "—", spread(control), control), "seeds": len(control), "config": config_of(first),
-                         "command": first.get("command_line", ""), "transfer": transfer_protocol(first)})
+                               "—", spread(control), control), "seeds": len(control), **provenance(controls[min(controls)])})
         rows.append(row(f"generalist + {'/'.join(map(str, k))} specialists, KL combination", SPECIALIST_PAPER["combined"],
                         f"{spread(combined)} ({accuracy('combined')})", combined, wall=True))
         if controls:
