@@ -283,10 +283,16 @@ PUBLIC_SOURCE = registry.PUBLIC_SOURCE
 PUBLIC = registry.public_figures()
 
 
-def provenance(result: dict | None) -> dict:
-    """Where a row comes from: its first run's transfer set, experiment file and command (none: blank)."""
-    return {"transfer": transfer_protocol(result), "config": config_of(result) if result else "",
-            "command": result.get("command_line", "") if result else ""}
+def provenance(found: list[dict]) -> dict:
+    """Where a row comes from: the transfer set, experiment file and command of its first run (no runs: blank)."""
+    first = found[0] if found else None
+    return {"transfer": transfer_protocol(first), "config": config_of(first) if first else "",
+            "command": first.get("command_line", "") if first else ""}
+
+
+def wall_of(found: list[dict]) -> float:
+    """The training time of a row's runs, summed (the report's closing line adds the rows up)."""
+    return round(sum(r.get("wall_seconds", 0) for r in found), 1)
 
 
 def seeds_row(found: list[dict], label: str, paper: str) -> dict:
@@ -294,8 +300,8 @@ def seeds_row(found: list[dict], label: str, paper: str) -> dict:
     values = [test_errors(r) for r in found]
     return {"experiment": label, "paper": paper, "kdcli": spread(values), "values": values, "seeds": len(found),
             "by_seed": {r.get("seed"): test_errors(r) for r in found},
-            **provenance(found[0] if found else None),
-            "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)}
+            **provenance(found),
+            "wall_seconds": wall_of(found)}
 
 
 def share_spread(values: list[float]) -> str:
@@ -358,8 +364,8 @@ def ensemble_rows(results: dict[str, dict]) -> list[dict]:
             nll = f", NLL {sum(nlls) / len(nlls):.4f}" if nlls else ""
             rows.append({"experiment": f"{dataset}: {label}", "paper": ENSEMBLE_PAPER[part],
                          "kdcli": spread(values) + nll, "values": values, "seeds": len(values),
-                         **provenance(found[part][0] if found[part] else None),
-                         "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found[part]), 1)})
+                         **provenance(found[part]),
+                         "wall_seconds": wall_of(found[part])})
         for part, protocol in (("distilled", "transfer set without jitter"), ("distilled-jitter", "jittered transfer set")):
             if part in by_seed:
                 rows.append(share_kept_row(dataset, protocol, found["ensemble"], by_seed["single"], by_seed[part]))
@@ -409,9 +415,8 @@ def omit_rows(results: dict[str, dict]) -> list[dict]:
             if protocol != "none" and shifts:
                 kdcli += f", shift {sum(shifts) / len(shifts):+.1f}"
             rows.append({"experiment": f"{experiment}: {label}", "paper": OMIT_PAPER[(stem, protocol)],
-                         "kdcli": kdcli, "values": values, "seeds": len(found), **provenance(found[0]),
-                         "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1)
-                         if protocol == "none" else 0})
+                         "kdcli": kdcli, "values": values, "seeds": len(found), **provenance(found),
+                         "wall_seconds": wall_of(found) if protocol == "none" else 0})
     return rows
 
 
@@ -441,12 +446,12 @@ def specialist_rows(results: dict[str, dict]) -> list[dict]:
             continue
         sections = [r["specialists"] for r in found]
         k = sorted({len(s["clusters"]) for s in sections})
-        common = {"seeds": len(found), **provenance(found[0])}
+        common = {"seeds": len(found), **provenance(found)}
 
         def row(label: str, paper: str, kdcli: str, values: list, wall: bool = False) -> dict:
             return {"experiment": f"{dataset} (analogue of §5 on JFT): {label}", "paper": paper, "kdcli": kdcli,
                     "values": values, **common,
-                    "wall_seconds": round(sum(r.get("wall_seconds", 0) for r in found), 1) if wall else 0}
+                    "wall_seconds": wall_of(found) if wall else 0}
 
         def accuracy(key: str) -> str:
             values = [100 * s["test"][key]["accuracy"] for s in sections]
@@ -461,7 +466,7 @@ def specialist_rows(results: dict[str, dict]) -> list[dict]:
             control = [test_errors(controls[r.get("seed")]) for r in found if r.get("seed") in controls]
             # the control row names its own runs' recipe and command, not the specialists'
             rows.append({**row("control: the generalist trained further with the specialists' recipe, no clusters",
-                               "—", spread(control), control), "seeds": len(control), **provenance(controls[min(controls)])})
+                               "—", spread(control), control), "seeds": len(control), **provenance([controls[min(controls)]])})
         rows.append(row(f"generalist + {'/'.join(map(str, k))} specialists, KL combination", SPECIALIST_PAPER["combined"],
                         f"{spread(combined)} ({accuracy('combined')})", combined, wall=True))
         if controls:
