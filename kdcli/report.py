@@ -358,14 +358,12 @@ def ensemble_rows(results: dict[str, dict]) -> list[dict]:
         for part, _, label, _ in registry.ENSEMBLE_PARTS:
             if part.startswith("distilled") and not found[part]:
                 continue  # a protocol not run (make ensembles runs both)
-            values = [test_errors(r) for r in found[part]]
+            row = seeds_row(found[part], f"{dataset}: {label}", ENSEMBLE_PAPER[part])
+            by_seed[part] = row.pop("by_seed")  # kept for the share-kept rows, not shown
             nlls = [r["test"]["nll"] for r in found[part]]
-            by_seed[part] = {r.get("seed"): test_errors(r) for r in found[part]}
-            nll = f", NLL {sum(nlls) / len(nlls):.4f}" if nlls else ""
-            rows.append({"experiment": f"{dataset}: {label}", "paper": ENSEMBLE_PAPER[part],
-                         "kdcli": spread(values) + nll, "values": values, "seeds": len(values),
-                         **provenance(found[part]),
-                         "wall_seconds": wall_of(found[part])})
+            if nlls:
+                row["kdcli"] += f", NLL {sum(nlls) / len(nlls):.4f}"
+            rows.append(row)
         for part, protocol in (("distilled", "transfer set without jitter"), ("distilled-jitter", "jittered transfer set")):
             if part in by_seed:
                 rows.append(share_kept_row(dataset, protocol, found["ensemble"], by_seed["single"], by_seed[part]))
