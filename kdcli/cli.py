@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -72,8 +73,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=OneLineUsageErrors,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    """Rich fits its output to a terminal; written to a pipe or a file it would squeeze every table into 80
+    columns, so there (unless COLUMNS says otherwise) each line is as long as its content."""
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = 10_000
+    return console
+
+
+out = stdout_console()
+err = Console(stderr=True)  # log lines fill the console's width, so stderr keeps Rich's default
 log = logging.getLogger("kdcli")
 
 

@@ -136,3 +136,20 @@ def test_malformed_yaml_and_unknown_key(tmp_path):
     assert "malformed YAML" in one_line_error(kdcli("train-teacher", "-c", bad))
     bad.write_text("epoch: 3\n")
     assert "did you mean 'epochs'" in one_line_error(kdcli("train-teacher", "-c", bad))
+
+
+def test_tables_written_to_a_pipe_are_not_squeezed_into_80_columns(monkeypatch, tmp_path):
+    import kdcli.cli as cli
+    from kdcli import runs
+
+    name = "a-run-directory-whose-name-alone-takes-up-most-of-an-80-column-line"
+    runs.write_json(tmp_path / name / "status.json", {"state": "running", "pid": 2**22 + 1, "command": "distill"})
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(cli, "out", cli.stdout_console())  # the CLI's stdout console, made as a plain run makes it
+    result = kdcli("runs", tmp_path)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if name in line)
+    assert "incomplete" in row and "distill" in row  # one line of the table holds the whole row
+    assert max(map(len, result.stdout.splitlines())) > 80
+    monkeypatch.setenv("COLUMNS", "80")  # a width the user asks for still holds
+    assert cli.stdout_console().width == 80
