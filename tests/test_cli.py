@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+import kdcli.cli as cli
 import kdcli.train as train_module
 from conftest import kdcli, one_line_error
+from kdcli.runs import write_json
 
 
 def test_train_teacher_writes_the_run_directory(teacher_run):
@@ -139,11 +141,8 @@ def test_malformed_yaml_and_unknown_key(tmp_path):
 
 
 def test_tables_written_to_a_pipe_are_not_squeezed_into_80_columns(monkeypatch, tmp_path):
-    import kdcli.cli as cli
-    from kdcli import runs
-
     name = "a-run-directory-whose-name-alone-takes-up-most-of-an-80-column-line"
-    runs.write_json(tmp_path / name / "status.json", {"state": "running", "pid": 2**22 + 1, "command": "distill"})
+    write_json(tmp_path / name / "status.json", {"state": "running", "pid": 2**22 + 1, "command": "distill"})
     monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.setattr(cli, "out", cli.stdout_console())  # the CLI's stdout console, made as a plain run makes it
     result = kdcli("runs", tmp_path)
