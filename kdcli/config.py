@@ -86,6 +86,9 @@ class Config:
     alpha: float = 1.0  # weight of the soft term; 1 = soft targets only
     match: str = "soft_targets"  # or "logits": squared error of zero-meaned logits, the T -> infinity limit (paper §2.1)
     combine: str = "mean_probs"  # how an ensemble teacher's members are combined
+    # jittered transfer set: score every shift of every image once, before training, instead of
+    # every batch (same targets up to float rounding; memory: images x (2 jitter + 1)^2 x classes)
+    cache_teacher: bool = False
 
     # specialists (train-specialists; Hinton, Vinyals & Dean 2015 §5)
     generalist: str | None = None  # run directory of the generalist the specialists start from
@@ -302,6 +305,8 @@ def validate(cfg: Config) -> None:
     need(cfg.batch_size >= 1, f"'batch_size' must be at least 1, got {cfg.batch_size}")
     need(cfg.eval_every >= 1, f"'eval_every' must be at least 1, got {cfg.eval_every}")
     need(0 <= cfg.jitter <= 13, f"'jitter' must be between 0 and 13 pixels, got {cfg.jitter}")
+    need(not cfg.cache_teacher or cfg.jitter > 0,
+         "'cache_teacher' caches the teacher's outputs for every shift of a jittered transfer set: it needs 'jitter' > 0")
     need(0 <= cfg.val_size < 60000, f"'val_size' must be in [0, 60000), got {cfg.val_size}")
     need(cfg.train_subset is None or cfg.train_subset >= 10, f"'train_subset' must be at least 10 (one per class), got {cfg.train_subset}")
     need(cfg.train_limit is None or cfg.train_limit >= 1, f"'train_limit' must be at least 1, got {cfg.train_limit}")

@@ -207,18 +207,39 @@ def jitter(images: torch.Tensor, max_shift: int,
     filling with zeros. images: (..., 28, 28); one gather for the whole batch.
     A list of generators, one per member (images' first dimension), draws member k's
     shifts from generators[k], as a single run seeded like member k draws them."""
+    return jitter_windows(images, max_shift, generator)[0]
+
+
+def jitter_windows(images: torch.Tensor, max_shift: int,
+                   generator: torch.Generator | list[torch.Generator] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """jitter(), and which shift each image got: (shifted images, windows (2, ...)),
+    windows[:, i] the (row, column) of image i's window in [0, 2 * max_shift], as
+    every_shift() numbers them (None without jitter)."""
     if max_shift == 0:
-        return images
+        return images, None
     lead, (h, w) = images.shape[:-2], images.shape[-2:]
     flat = images.reshape(-1, h, w)
     n = flat.shape[0]
     generators = generator if isinstance(generator, list) else [generator]
     shifts = torch.cat([torch.randint(-max_shift, max_shift + 1, (2, n // len(generators)), generator=g)
                         for g in generators], dim=1).to(images.device)
+    windows = max_shift - shifts
+    shifted = shifted_windows(flat, max_shift)[torch.arange(n, device=images.device), windows[0], windows[1]]
+    return shifted.reshape(*lead, h, w), windows.reshape(2, *lead)
+
+
+def shifted_windows(flat: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Every shifted window of images (n, h, w) as a strided view (n, 2s+1, 2s+1, h, w);
+    indexing copies only the chosen one (about 5x cheaper than gathering pixel by pixel)."""
+    h, w = flat.shape[-2:]
     padded = torch.nn.functional.pad(flat, (max_shift,) * 4)  # (n, h+2s, w+2s)
-    # every shifted window as a strided view; indexing copies only the chosen one
-    # (about 5x cheaper than gathering pixel by pixel)
-    windows = padded.unfold(1, h, 1).unfold(2, w, 1)  # (n, 2s+1, 2s+1, h, w)
-    arange = torch.arange(n, device=images.device)
-    shifted = windows[arange, max_shift - shifts[0], max_shift - shifts[1]]  # (n, h, w)
-    return shifted.reshape(*lead, h, w)
+    return padded.unfold(1, h, 1).unfold(2, w, 1)
+
+
+def every_shift(images: torch.Tensor, max_shift: int):
+    """(row, column, images shifted so) for each of jitter()'s (2s+1)^2 windows, zero-filled."""
+    windows = shifted_windows(images, max_shift)
+    for row in range(2 * max_shift + 1):
+        for column in range(2 * max_shift + 1):
+            yield row, column, windows[:, row, column]

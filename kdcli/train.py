@@ -28,7 +28,7 @@ from . import runs, teachers
 from .config import Config, member_temperatures
 from .device import device_name, pick_device
 from .errors import ConfigError, Diverged
-from .data import Dataset, class_filter, jitter, load_dataset
+from .data import Dataset, class_filter, every_shift, jitter_windows, load_dataset
 from .evaluate import combine_logits, count_errors, predict, summarize
 from .losses import distillation_loss, soft_targets
 from .models import StackedMLP, arch_from_config, build_model, member_seeds, stack_models
@@ -70,12 +70,15 @@ class TransferSet:
         for a transfer set that is not augmented: the teacher runs once.
     teacher: for an augmented transfer set, a function from a batch of
         flattened images (m, 784) to log-probabilities (1 or members, m, classes).
+    shifted_targets: for a jittered transfer set with cache_teacher, the teacher's
+        log-probabilities for every shift (1 or members, n, 2s+1, 2s+1, classes).
     """
 
     images: torch.Tensor  # (n, 28, 28)
     labels: torch.Tensor  # (n,)
     soft_targets: torch.Tensor | None = None
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+    shifted_targets: torch.Tensor | None = None
     # Per-member sampling (specialists, kdcli/specialists.py): member_epoch(k, generator) is
     # member k's epoch as epoch_size indices into images. None: every member sees a
     # permutation of all images. labels may then be (members, n): one labelling per member.
@@ -97,8 +100,14 @@ class TransferSet:
             return self.labels[idx]
         return self.labels[torch.arange(idx.shape[0], device=idx.device)[:, None], idx]
 
-    def targets_for(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        """Soft targets for a batch: idx (members, b), x (members, b, 784) -> (members, b, classes)."""
+    def targets_for(self, idx: torch.Tensor, x: torch.Tensor, windows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Soft targets for a batch: idx (members, b), x (members, b, 784) -> (members, b, classes);
+        windows (2, members, b): each image's shift, as jitter_windows() drew it."""
+        if self.shifted_targets is not None:
+            table, (rows, columns) = self.shifted_targets, windows
+            if table.shape[0] == 1:
+                return table[0][idx, rows, columns]
+            return table[torch.arange(idx.shape[0], device=idx.device)[:, None], idx, rows, columns]
         if self.soft_targets is not None:
             table = self.soft_targets
         elif self.teacher is not None:
@@ -232,12 +241,12 @@ def fit(
         for step in range(steps):
             idx = order[:, step * batch : (step + 1) * batch]  # (members, b)
             images = gather_rows(transfer.images, idx)  # (members, b, 28, 28)
-            if cfg.jitter:
-                images = jitter(images, cfg.jitter, rngs.jitter)
+            images, windows = jitter_windows(images, cfg.jitter, rngs.jitter)
             x = images.flatten(-2)
             with precision:
                 logits = model(x, rngs.dropout)
-            loss = distillation_loss(logits.float(), transfer.targets_for(idx, x), transfer.labels_for(idx), temperature, cfg.alpha, cfg.match)
+            targets = transfer.targets_for(idx, x, windows)
+            loss = distillation_loss(logits.float(), targets, transfer.labels_for(idx), temperature, cfg.alpha, cfg.match)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -438,9 +447,32 @@ def build_transfer_set(cfg: Config, data: Dataset, device: torch.device) -> Tran
         # The paper's transfer set is unaugmented: the teacher runs once, and
         # distillation then costs what training the student alone costs.
         transfer.soft_targets = teacher_targets(teacher, images.flatten(-2), temps, cfg.combine)
+    elif cfg.cache_teacher:
+        transfer.shifted_targets = targets_for_every_shift(teacher, images, cfg.jitter, temps, cfg.combine)
     else:
         transfer.teacher = lambda x: teacher_targets(teacher, x, temps, cfg.combine)
     return transfer
+
+
+CACHE_LIMIT_BYTES = 8 * 2**30
+
+
+def targets_for_every_shift(teacher: StackedMLP, images: torch.Tensor, max_shift: int,
+                            temperatures: list[float], combine: str) -> torch.Tensor:
+    """teacher_targets() for each of jitter's (2s+1)^2 shifts of every image:
+    (1 or len(temperatures), n, 2s+1, 2s+1, classes). Scoring them once costs
+    (2s+1)^2 epochs of teacher forward passes; scoring every batch costs one an epoch."""
+    side = 2 * max_shift + 1
+    tables = 1 if len(set(temperatures)) == 1 else len(temperatures)
+    classes = teacher.arch["n_classes"]
+    size = tables * len(images) * side * side * classes * 4
+    if size > CACHE_LIMIT_BYTES:
+        raise runs.RunError(f"cache_teacher would hold {size / 2**30:.1f} GiB of teacher outputs "
+                            f"(limit {CACHE_LIMIT_BYTES / 2**30:.0f} GiB): set cache_teacher: false")
+    table = torch.empty(tables, len(images), side, side, classes, device=images.device)
+    for row, column, shifted in every_shift(images, max_shift):
+        table[:, :, row, column] = teacher_targets(teacher, shifted.flatten(-2), temperatures, combine)
+    return table
 
 
 # --- a whole run ------------------------------------------------------------

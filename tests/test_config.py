@@ -71,6 +71,7 @@ def test_bad_files(tmp_path, text, message):
     ({"device": "tpu"}, "device"),
     ({"members": 0}, "members"),
     ({"early_stopping": True}, "val_size"),
+    ({"cache_teacher": True}, "'cache_teacher' .* needs 'jitter' > 0"),
 ])
 def test_invalid_values(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,9 +12,10 @@ from kdcli.config import make_config
 from kdcli.data import load_dataset
 from kdcli.models import StackedMLP
 from kdcli.config import ConfigError
-from kdcli.runs import RunError
+from kdcli.runs import RunError, read_metrics
+from kdcli.data import jitter_windows
 from kdcli.train import (Diverged, TransferSet, check_precision, dead_members, fit, mixed_precision,
-                         run_training, teacher_targets)
+                         run_training, targets_for_every_shift, teacher_targets)
 
 
 
@@ -159,6 +160,36 @@ def test_cached_and_per_batch_teacher_targets_agree():
     idx = torch.randint(0, 40, (2, 8))
     x = images[idx].flatten(-2)
     assert torch.allclose(cached.targets_for(idx, x), online.targets_for(idx, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("temps", [[4.0], [1.0, 4.0]])
+def test_every_shift_cache_gives_the_teachers_targets_for_each_shifted_batch(temps):
+    """cache_teacher: the table scored once per shift, looked up by the shifts jitter drew, equals the
+    teacher scoring the shifted batch (one table for one T; one per stacked student's T)."""
+    teacher = StackedMLP([16], members=3, seeds=[1, 2, 3]).eval()
+    images = torch.rand(40, 28, 28)
+    cached = TransferSet(images, torch.zeros(40, dtype=torch.long),
+                         shifted_targets=targets_for_every_shift(teacher, images, 2, temps, "mean_probs"))
+    online = TransferSet(images, torch.zeros(40, dtype=torch.long),
+                         teacher=lambda x: teacher_targets(teacher, x, temps, "mean_probs"))
+    idx = torch.randint(0, 40, (len(temps), 8))
+    shifted, windows = jitter_windows(images[idx], 2, [torch.Generator().manual_seed(k) for k in range(len(temps))])
+    x = shifted.flatten(-2)
+    assert torch.allclose(cached.targets_for(idx, x, windows), online.targets_for(idx, x), atol=1e-6)
+    assert not torch.allclose(cached.targets_for(idx, x, torch.full_like(windows, 2)), online.targets_for(idx, x), atol=1e-6)
+
+
+def test_a_cached_teacher_trains_the_student_the_per_batch_teacher_trains(synthetic_dir, tmp_path):
+    """Same shifts, same targets up to float rounding: the same losses epoch by epoch, close weights."""
+    run_training(config(synthetic_dir, tmp_path / "t", epochs=2), "train-teacher")
+    kw = dict(jitter=2, epochs=2, temperature=4.0, teacher=str(tmp_path / "t" / "run"))
+    online = run_training(config(synthetic_dir, tmp_path / "a", **kw), "distill")
+    cached = run_training(config(synthetic_dir, tmp_path / "b", cache_teacher=True, **kw), "distill")
+    losses = lambda run: [r["loss"] for r in read_metrics(tmp_path / run / "run")]
+    assert losses("b") == pytest.approx(losses("a"), rel=1e-5)
+    wa, wb = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert abs(cached["test"]["n_errors"] - online["test"]["n_errors"]) <= 1
 
 
 def test_jittered_transfer_set_shows_the_teacher_the_shifted_batch(synthetic_dir, tmp_path):
