@@ -19,7 +19,7 @@ SAMPLES = {
     "lr_decay": (0.25, {}), "lr_step": (7, {}), "epochs": (3, {}), "batch_size": (64, {}),
     "precision": ("bf16", {}), "early_stopping": (True, {"val_size": 5000}), "teacher": ("runs/mine", {}),
     "temperature": (8.0, {}), "temperatures": ([2.0, 4.0], {}), "alpha": (0.7, {}), "match": ("logits", {}),
-    "combine": ("mean_logits", {}), "generalist": ("runs/g", {}), "clusters": ([[3, 5], [4, 9]], {}),
+    "combine": ("mean_logits", {}), "cache_teacher": (True, {"jitter": 2}), "generalist": ("runs/g", {}), "clusters": ([[3, 5], [4, 9]], {}),
     "n_clusters": (3, {}), "cluster_overlap": (0.5, {}), "top_k": (2, {}), "combine_steps": (50, {}),
     "init_from": ("runs/generalist", {}), "seed": (9, {}), "device": ("cpu", {}), "out": ("elsewhere/run", {}), "expect_max_errors": (80, {}),
     "eval_every": (5, {}), "test_eval": (False, {}),
