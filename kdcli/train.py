@@ -463,14 +463,16 @@ def targets_for_every_shift(teacher: StackedMLP, images: torch.Tensor, max_shift
     (1 or len(temperatures), n, 2s+1, 2s+1, classes). Scoring them once costs
     (2s+1)^2 epochs of teacher forward passes; scoring every batch costs one an epoch."""
     side = 2 * max_shift + 1
-    tables = 1 if len(set(temperatures)) == 1 else len(temperatures)
-    classes = teacher.arch["n_classes"]
-    size = tables * len(images) * side * side * classes * 4
+    shifts = every_shift(images, max_shift)
+    row, column, shifted = next(shifts)
+    first = teacher_targets(teacher, shifted.flatten(-2), temperatures, combine)  # (tables, n, classes)
+    size = first.numel() * first.element_size() * side * side
     if size > CACHE_LIMIT_BYTES:
         raise runs.RunError(f"cache_teacher would hold {size / 2**30:.1f} GiB of teacher outputs "
                             f"(limit {CACHE_LIMIT_BYTES / 2**30:.0f} GiB): set cache_teacher: false")
-    table = torch.empty(tables, len(images), side, side, classes, device=images.device)
-    for row, column, shifted in every_shift(images, max_shift):
+    table = first.new_empty(first.shape[0], first.shape[1], side, side, first.shape[2])
+    table[:, :, row, column] = first
+    for row, column, shifted in shifts:
         table[:, :, row, column] = teacher_targets(teacher, shifted.flatten(-2), temperatures, combine)
     return table
 

@@ -9,11 +9,10 @@ import torch
 
 from conftest import interrupt_after_epoch, synthetic_config as config, weights
 from kdcli.config import make_config
-from kdcli.data import load_dataset
+from kdcli.data import jitter_windows, load_dataset
 from kdcli.models import StackedMLP
 from kdcli.config import ConfigError
 from kdcli.runs import RunError, read_metrics
-from kdcli.data import jitter_windows
 from kdcli.train import (Diverged, TransferSet, check_precision, dead_members, fit, mixed_precision,
                          run_training, targets_for_every_shift, teacher_targets)
 
@@ -177,6 +176,14 @@ def test_every_shift_cache_gives_the_teachers_targets_for_each_shifted_batch(tem
     x = shifted.flatten(-2)
     assert torch.allclose(cached.targets_for(idx, x, windows), online.targets_for(idx, x), atol=1e-6)
     assert not torch.allclose(cached.targets_for(idx, x, torch.full_like(windows, 2)), online.targets_for(idx, x), atol=1e-6)
+
+
+def test_a_cache_too_large_for_memory_is_refused_in_one_line(monkeypatch):
+    import kdcli.train as train_module
+    monkeypatch.setattr(train_module, "CACHE_LIMIT_BYTES", 1000)
+    teacher = StackedMLP([16], seeds=[1]).eval()
+    with pytest.raises(RunError, match=r"cache_teacher would hold .* GiB .*set cache_teacher: false"):
+        targets_for_every_shift(teacher, torch.rand(40, 28, 28), 2, [4.0], "mean_probs")
 
 
 def test_a_cached_teacher_trains_the_student_the_per_batch_teacher_trains(synthetic_dir, tmp_path):
